@@ -80,4 +80,3 @@ def berth_register(registry: Registry) -> None:
       Raising :class:`daemon.registry.PluginSkip` marks the plugin skipped
       (not failed), e.g. when the host lacks a kernel feature.
     """
-

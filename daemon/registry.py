@@ -150,6 +150,10 @@ class InitContext:
     def on_close(self, fn: CloseFunc) -> None:
         self._state.closers.append(fn)
 
+    def plugins(self) -> list[PluginState]:
+        """Every plugin's state as of now (for introspection); read-only use."""
+        return self._registry.states()
+
 
 class Registry:
     """Holds every registration and the outcome of its init."""
@@ -289,9 +293,7 @@ class Registry:
         missing: list[str] = []
         for req in reg.requires:
             if req == ALL:
-                deps.extend(
-                    n for n, r in self._regs.items() if n != reg.full_name and ALL not in r.requires
-                )
+                deps.extend(n for n, r in self._regs.items() if n != reg.full_name and ALL not in r.requires)
                 continue
             if req in self._regs:
                 deps.append(req)
@@ -388,7 +390,6 @@ class Registry:
             return "requires " + ", ".join(missing) + ": no such plugin registered"
         if ALL in reg.requires:
             return ""
-        explicit = set(reg.requires)
         for req in reg.requires:
             if req in self._states:
                 st = self._states[req]
@@ -399,7 +400,6 @@ class Registry:
                 if not any(s.status is Status.OK for s in of_type):
                     why = "; ".join(f"{s.full_name}: {s.status.value}" for s in of_type)
                     return f"dependency {req} has no loaded plugin ({why})"
-        del explicit
         return ""
 
     async def close_all(self) -> list[tuple[str, BaseException]]:

@@ -168,7 +168,9 @@ def prepare_socket_path(path: str) -> None:
         return
     finally:
         probe.close()
-    raise FailedPrecondition(f"grpc.address {path}: already in use by another process (is another berthd running?)")
+    raise FailedPrecondition(
+        f"grpc.address {path}: already in use by another process (is another berthd running?)"
+    )
 
 
 class GrpcServer:

@@ -30,7 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="persistent state directory (overrides config 'root')")
     p.add_argument("--state", help="runtime state directory (overrides config 'state')")
     p.add_argument("--address", "-a", help="gRPC unix socket (overrides config [grpc] address)")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides [debug] level")
+    p.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="overrides [debug] level"
+    )
     p.add_argument("--log-format", choices=["console", "json"], help="overrides [debug] format")
     p.add_argument("--version", "-v", action="version", version=f"berthd {__version__}")
     sub = p.add_subparsers(dest="command")
@@ -72,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     registry = load_registry()
     schemas = registry.schemas()
+    names = [r.full_name for r in registry.registrations]
 
     if args.command == "config":
         if args.config_command == "default":
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         if path is None:
             print(f"berthd: no config file to check ({DEFAULT_CONFIG} does not exist)", file=sys.stderr)
             return 2
-        problems = check_config(path, schemas)
+        problems = check_config(path, schemas, plugin_names=names)
         for line in problems:
             print(line, file=sys.stderr)
         if problems:
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     try:
-        cfg = load_config(_config_path(args), schemas)
+        cfg = load_config(_config_path(args), schemas, plugin_names=names)
     except ConfigError as exc:
         print(f"berthd: invalid configuration:\n{exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,125 @@
+"""``containerd.services.introspection.v1.Introspection``: what is loaded and why not.
+
+Every registered plugin is listed with its requirements, exports and
+capabilities. A plugin that did not load carries ``init_err``: skipped ones
+say ``skip plugin: <reason>`` (the words ``ctr plugins ls`` looks for to print
+"skip"), failed ones carry their init error. The server UUID is created once
+and kept under the plugin's root, so it survives restarts like containerd's.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import betterproto.lib.google.protobuf as pb
+from grpclib.const import Status as Code
+
+from daemon import filters
+from daemon.errors import InvalidArgument, NotFound
+from daemon.hookspecs import hookimpl
+from daemon.registry import InitContext, PluginState, Registry, Status
+from protos.containerd.services.introspection.v1 import (
+    IntrospectionBase,
+    Plugin,
+    PluginInfoRequest,
+    PluginInfoResponse,
+    PluginsRequest,
+    PluginsResponse,
+    ServerResponse,
+)
+from protos.google.rpc import Status as RpcStatus
+
+
+def to_plugin(st: PluginState) -> Plugin:
+    reg = st.registration
+    err: RpcStatus | None = None
+    if st.status is Status.SKIP:
+        err = RpcStatus(code=Code.FAILED_PRECONDITION.value, message=f"skip plugin: {st.error}")
+    elif st.status is Status.ERROR:
+        err = RpcStatus(code=Code.UNKNOWN.value, message=st.error)
+    elif st.status is Status.PENDING:
+        err = RpcStatus(code=Code.UNAVAILABLE.value, message="plugin not initialised yet")
+    return Plugin(
+        type=reg.type,
+        id=reg.id,
+        requires=list(reg.requires),
+        exports=dict(st.exports),
+        capabilities=list(st.capabilities),
+        init_err=err,
+    )
+
+
+def _adaptor(p: Plugin) -> filters.Adaptor:
+    def get(path: Sequence[str]) -> tuple[str, bool]:
+        if not path:
+            return "", False
+        head, rest = path[0], list(path[1:])
+        if head == "type":
+            return p.type, True
+        if head == "id":
+            return p.id, True
+        if head == "capabilities" and rest:
+            return "", rest[0] in p.capabilities
+        if head == "exports" and rest:
+            key = ".".join(rest)
+            return p.exports.get(key, ""), key in p.exports
+        return "", False
+
+    return get
+
+
+def server_uuid(root: Path) -> str:
+    """The daemon's identity: created on first start, kept forever after."""
+    path = root / "uuid"
+    try:
+        value = path.read_text().strip()
+        if value:
+            return value
+    except FileNotFoundError:
+        pass
+    value = str(uuid.uuid4())
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(value)
+    os.replace(tmp, path)
+    return value
+
+
+class IntrospectionService(IntrospectionBase):
+    def __init__(self, ic: InitContext, uuid_: str) -> None:
+        self._ic = ic
+        self.uuid = uuid_
+
+    async def plugins(self, plugins_request: PluginsRequest) -> PluginsResponse:
+        flt = filters.parse(list(plugins_request.filters))
+        out = [p for p in map(to_plugin, self._ic.plugins()) if flt.match(_adaptor(p))]
+        return PluginsResponse(plugins=out)
+
+    async def server(self, betterproto_lib_google_protobuf_empty: pb.Empty) -> ServerResponse:
+        try:
+            pidns = os.stat("/proc/self/ns/pid").st_ino
+        except OSError:
+            pidns = 0
+        return ServerResponse(uuid=self.uuid, pid=os.getpid(), pidns=pidns, deprecations=[])
+
+    async def plugin_info(self, plugin_info_request: PluginInfoRequest) -> PluginInfoResponse:
+        req = plugin_info_request
+        if not req.type:
+            raise InvalidArgument("type: must not be empty")
+        for st in self._ic.plugins():
+            if st.registration.type == req.type and (not req.id or st.registration.id == req.id):
+                return PluginInfoResponse(plugin=to_plugin(st))
+        raise NotFound(f"plugin {req.type}.{req.id}: not found")
+
+
+async def init(ic: InitContext) -> IntrospectionService:
+    svc = IntrospectionService(ic, server_uuid(ic.root))
+    ic.exports["uuid"] = svc.uuid
+    return svc
+
+
+@hookimpl
+def berth_register(registry: Registry) -> None:
+    registry.add(type="berth.grpc.v1", id="introspection", init=init)

@@ -1,0 +1,110 @@
+"""``containerd.services.leases.v1.Leases``: namespace-scoped leases.
+
+A lease holds resources (content, snapshots, ingests) back from garbage
+collection while a client works, e.g. during a pull. Records live in the
+metadata store; a namespace holding a lease cannot be deleted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import betterproto.lib.google.protobuf as pb
+
+from daemon import filters
+from daemon.errors import InvalidArgument
+from daemon.hookspecs import hookimpl
+from daemon.registry import InitContext, Registry
+from daemon.server import request_namespace
+from protos.containerd.services.leases.v1 import (
+    AddResourceRequest,
+    CreateRequest,
+    CreateResponse,
+    DeleteRequest,
+    DeleteResourceRequest,
+    Lease,
+    LeasesBase,
+    ListRequest,
+    ListResourcesRequest,
+    ListResourcesResponse,
+    ListResponse,
+    Resource,
+)
+
+
+def _need(value: str, field: str) -> str:
+    if not value:
+        raise InvalidArgument(f"{field}: must not be empty")
+    return value
+
+
+def _pb(lease: Any) -> Lease:
+    return Lease(id=lease.id, created_at=lease.created_at, labels=dict(lease.labels))
+
+
+def _adaptor(lease: Lease) -> filters.Adaptor:
+    def get(path: Sequence[str]) -> tuple[str, bool]:
+        if not path:
+            return "", False
+        if path[0] == "id":
+            return lease.id, True
+        if path[0] == "labels" and len(path) > 1:
+            key = ".".join(path[1:])
+            return lease.labels.get(key, ""), key in lease.labels
+        return "", False
+
+    return get
+
+
+def _resource(res: Resource | None, field: str) -> Any:
+    from daemon.metadata import LeaseResource
+
+    if res is None:
+        raise InvalidArgument(f"{field}: must be set")
+    return LeaseResource(id=_need(res.id, f"{field}.id"), type=_need(res.type, f"{field}.type"))
+
+
+class LeasesService(LeasesBase):
+    def __init__(self, store: Any) -> None:
+        self.leases = store.leases
+
+    async def create(self, create_request: CreateRequest) -> CreateResponse:
+        req = create_request
+        lease = await self.leases.create(request_namespace(), _need(req.id, "id"), dict(req.labels))
+        return CreateResponse(lease=_pb(lease))
+
+    async def delete(self, delete_request: DeleteRequest) -> pb.Empty:
+        await self.leases.delete(request_namespace(), _need(delete_request.id, "id"))
+        return pb.Empty()
+
+    async def list(self, list_request: ListRequest) -> ListResponse:
+        flt = filters.parse(list(list_request.filters))
+        leases = [_pb(lease) for lease in await self.leases.list(request_namespace())]
+        return ListResponse(leases=[lease for lease in leases if flt.match(_adaptor(lease))])
+
+    async def add_resource(self, add_resource_request: AddResourceRequest) -> pb.Empty:
+        req = add_resource_request
+        res = _resource(req.resource, "resource")
+        await self.leases.add_resource(request_namespace(), _need(req.id, "id"), res)
+        return pb.Empty()
+
+    async def delete_resource(self, delete_resource_request: DeleteResourceRequest) -> pb.Empty:
+        req = delete_resource_request
+        res = _resource(req.resource, "resource")
+        await self.leases.delete_resource(request_namespace(), _need(req.id, "id"), res)
+        return pb.Empty()
+
+    async def list_resources(self, list_resources_request: ListResourcesRequest) -> ListResourcesResponse:
+        ns = request_namespace()
+        items = await self.leases.list_resources(ns, _need(list_resources_request.id, "id"))
+        return ListResourcesResponse(resources=[Resource(id=r.id, type=r.type) for r in items])
+
+
+async def init(ic: InitContext) -> LeasesService:
+    return LeasesService(ic.get("berth.metadata.v1"))
+
+
+@hookimpl
+def berth_register(registry: Registry) -> None:
+    registry.add(type="berth.grpc.v1", id="leases", init=init, requires=["berth.metadata.v1"])

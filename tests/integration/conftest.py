@@ -1,0 +1,176 @@
+"""Harness: the real ``berthd`` as a process on a temporary root.
+
+Tests talk to it only through its socket (the typed client, the ``berth``
+CLI, Debian's ``ctr``). Every daemon started here is stopped by PID in the
+fixture's teardown, even when the test failed, and its temporary directories
+are removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from grpclib.client import Channel
+
+from daemon.cli.client import Client
+
+BIN = Path(sys.executable).parent
+READY_TIMEOUT = 30.0
+
+
+class Berthd:
+    """One berthd process with its own root, state, socket and log file."""
+
+    def __init__(self, base: Path, config: str | None = None, env: dict[str, str] | None = None) -> None:
+        self.base = base
+        self.root = base / "root"
+        self.state = base / "state"
+        self.address = str(base / "state" / "berth.sock")
+        self.log_path = base / "berthd.log"
+        self.config_path: Path | None = None
+        if config is not None:
+            self.config_path = base / "config.toml"
+            self.config_path.write_text(config)
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def argv(self, *extra: str) -> list[str]:
+        args = [str(BIN / "berthd")]
+        if self.config_path is not None:
+            args += ["--config", str(self.config_path)]
+        args += ["--root", str(self.root), "--state", str(self.state), "--address", self.address]
+        return args + list(extra)
+
+    def start(self, *extra: str) -> Berthd:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen(self.argv(*extra), stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        log.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    async def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        """Poll the Version RPC until it answers, the process dies, or time runs out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"berthd exited with {self.proc.returncode}:\n{self.log()}")
+            if os.path.exists(self.address):
+                try:
+                    async with self.client() as c:
+                        await c.version()
+                    return
+                except (OSError, ConnectionError, asyncio.TimeoutError):
+                    pass
+                except Exception:  # noqa: BLE001 - not serving yet
+                    pass
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"berthd not ready after {timeout}s:\n{self.log()}")
+
+    def wait_exit(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, sig)
+
+    @asynccontextmanager
+    async def client(self, namespace: str = "default", timeout: float | None = 10.0) -> AsyncIterator[Client]:
+        channel = Channel(path=self.address)
+        try:
+            yield Client(channel, self.address, namespace, timeout)
+        finally:
+            channel.close()
+
+    def channel(self) -> Channel:
+        return Channel(path=self.address)
+
+    def berth(self, *args: str, check: bool = False, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        """Run the ``berth`` CLI against this daemon."""
+        return subprocess.run(
+            [str(BIN / "berth"), "--address", self.address, *args],
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=timeout,
+            env=self.env,
+        )
+
+    def stop(self) -> None:
+        """Stop by PID: SIGTERM, then SIGKILL after a grace period."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.kill(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short temporary directory: unix socket paths are limited to 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="berth-t-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def make_berthd(short_tmp: Path) -> Iterator[Callable[..., Berthd]]:
+    """Factory of daemons; each gets its own subdirectory, all are stopped at teardown."""
+    started: list[Berthd] = []
+
+    def make(config: str | None = None, env: dict[str, str] | None = None, name: str | None = None) -> Berthd:
+        base = short_tmp / (name or f"d{len(started)}")
+        base.mkdir(parents=True, exist_ok=True)
+        d = Berthd(base, config=config, env=env)
+        started.append(d)
+        return d
+
+    try:
+        yield make
+    finally:
+        for d in started:
+            d.stop()
+
+
+@pytest.fixture
+async def berthd(make_berthd: Callable[..., Berthd]) -> Berthd:
+    """A running daemon on embedded defaults."""
+    d = make_berthd().start()
+    await d.wait_ready()
+    return d
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll ``predicate`` until truthy or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
