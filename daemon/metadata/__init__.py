@@ -1,0 +1,45 @@
+"""berth's metadata store: SQLite, one file under the plugin root.
+
+Everything berth records about objects lives here, scoped by namespace as in
+containerd's metadata package: namespaces and leases now; images,
+containers, content labels and snapshots as later schema versions add them.
+
+Using it::
+
+    store = await MetadataStore.open(root / "meta.db")
+    await store.namespaces.create("k8s.io", {"owner": "kubelet"})
+    await store.leases.create("k8s.io", "pull-1")
+    await store.leases.add_resource("k8s.io", "pull-1", LeaseResource(id=digest, type="content"))
+
+    # several changes in one transaction:
+    def tx(conn: sqlite3.Connection) -> None:
+        store.namespaces.ensure(conn, "k8s.io")
+        conn.execute("INSERT INTO images ...")
+    await store.write(tx)
+
+    await store.close()
+
+* Threading: all sqlite work runs in one dedicated thread; the event loop
+  never blocks on it (see :mod:`daemon.metadata.store`).
+* Schema: a linear list of migrations in :mod:`daemon.metadata.schema`,
+  which also explains how to add a namespace-scoped table.
+* Input rules (identifiers, labels, digests): :mod:`daemon.metadata.validate`.
+"""
+
+from daemon.metadata.leases import Lease, LeaseResource, LeaseStore
+from daemon.metadata.namespaces import Namespace, NamespaceStore
+from daemon.metadata.schema import LATEST_VERSION, MIGRATIONS, NAMESPACED_TABLES, Migration
+from daemon.metadata.store import MetadataStore
+
+__all__ = [
+    "LATEST_VERSION",
+    "MIGRATIONS",
+    "NAMESPACED_TABLES",
+    "Lease",
+    "LeaseResource",
+    "LeaseStore",
+    "MetadataStore",
+    "Migration",
+    "Namespace",
+    "NamespaceStore",
+]
