@@ -24,7 +24,7 @@ from daemon import __version__
 from daemon.config import Config
 from daemon.errors import BerthError, FailedPrecondition
 from daemon.events import EventBus, bus_collector
-from daemon.metrics import MetricsRegistry, MetricsServer, process_collector
+from daemon.metrics import MetricsRegistry, MetricsServer, Sample, process_collector
 from daemon.registry import DaemonPaths, Registry, Status
 from daemon.server import GrpcServer, instrument, normalize_address
 
@@ -148,14 +148,12 @@ class Daemon:
         if failed:
             raise StartupError("required plugin not loaded: " + "; ".join(failed))
 
-    def _plugin_collector(self) -> list[Any]:
-        from daemon.metrics import Sample
-
+    def _plugin_collector(self) -> list[Sample]:
         return [
             Sample(
                 "berth_plugin_status",
-                {"plugin": s.full_name, "status": s.status.value},
                 1.0,
+                {"plugin": s.full_name, "status": s.status.value},
                 help="Plugins by init outcome (1 for the plugin's current status)",
                 type="gauge",
             )

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("berth.registry")
 
 InitFunc = Callable[["InitContext"], Awaitable[Any]]
+ConfigType = type
 CloseFunc = Callable[[], Awaitable[None]]
 
 #: ``requires=["*"]``: initialise after every other plugin.
@@ -47,7 +48,7 @@ class PluginSkip(Exception):
     """Raised by an ``init`` to mark its plugin skipped rather than failed."""
 
 
-class Status(str, enum.Enum):
+class Status(enum.StrEnum):
     PENDING = "pending"
     OK = "ok"
     ERROR = "error"
@@ -62,7 +63,7 @@ class Registration:
     id: str
     init: InitFunc
     requires: tuple[str, ...] = ()
-    config: type | None = None
+    config: ConfigType | None = None
     source: str = ""
 
     @property
@@ -219,7 +220,7 @@ class Registry:
 
     def register_module(self, module: object, name: str | None = None) -> None:
         """Register one plugin module (or object) and run its hook."""
-        name = name or getattr(module, "__name__", repr(module))
+        name = name or str(getattr(module, "__name__", repr(module)))
         if self.pm.is_registered(module):
             return
         self.pm.register(module, name=name)
@@ -250,7 +251,7 @@ class Registry:
     def registrations(self) -> list[Registration]:
         return list(self._regs.values())
 
-    def schemas(self) -> dict[str, type]:
+    def schemas(self) -> dict[str, ConfigType]:
         """Config dataclass of every registered plugin, by full name."""
         return {n: r.config for n, r in sorted(self._regs.items()) if r.config is not None}
 
@@ -319,7 +320,7 @@ class Registry:
             if mark.get(n) == 2:
                 return
             if mark.get(n) == 1:
-                cycle = path[path.index(n) :] + [n]
+                cycle = [*path[path.index(n) :], n]
                 text = " -> ".join(cycle)
                 for member in cycle:
                     st = self._states[member]
@@ -375,7 +376,7 @@ class Registry:
                 st.status, st.error = Status.SKIP, str(exc) or "skipped by plugin"
                 log.info("plugin.skip", plugin=name, reason=st.error)
                 continue
-            except Exception as exc:  # noqa: BLE001 - recorded, the daemon decides
+            except Exception as exc:
                 st.status, st.error = Status.ERROR, f"{type(exc).__name__}: {exc}"
                 log.error("plugin.init_failed", plugin=name, error=st.error, exc_info=True)
                 continue

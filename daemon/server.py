@@ -181,11 +181,13 @@ class GrpcServer:
         self.uid = uid
         self.gid = gid
         self._server: Server | None = None
+        self._bound = False
 
     async def start(self, handlers: list[_Instrumented]) -> None:
         prepare_socket_path(self.address)
         self._server = Server(handlers)
         await self._server.start(path=self.address)
+        self._bound = True
         os.chmod(self.address, 0o660)
         if (self.uid, self.gid) != (os.getuid(), os.getgid()):
             os.chown(self.address, self.uid, self.gid)
@@ -200,6 +202,9 @@ class GrpcServer:
             except TimeoutError:
                 log.warning("grpc.stop_timeout", grace=grace)
             self._server = None
+        if not self._bound:
+            return  # never ours: a refused start must not delete another daemon's socket
+        self._bound = False
         try:
             if stat.S_ISSOCK(os.lstat(self.address).st_mode):
                 os.unlink(self.address)

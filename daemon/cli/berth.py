@@ -96,8 +96,9 @@ async def _version(c: Client, args: argparse.Namespace) -> None:
         output.emit_json(data)
         return
     print(f"Client:\n  Version:  {__version__}\n")
+    print("Server:")
     print(
-        f"Server:\n  Version:  {v.version}\n  Revision: {v.revision}\n  UUID:     {info.uuid}\n  PID:      {info.pid}"
+        f"  Version:  {v.version}\n  Revision: {v.revision}\n  UUID:     {info.uuid}\n  PID:      {info.pid}"
     )
 
 
@@ -183,9 +184,8 @@ async def _events(c: Client, args: argparse.Namespace) -> None:
                 compact=True,
             )
         else:
-            print(
-                f"{ts.isoformat()} {env.namespace} {env.topic} {json.dumps(payload, sort_keys=True, default=str)}"
-            )
+            text = json.dumps(payload, sort_keys=True, default=str)
+            print(f"{ts.isoformat()} {env.namespace} {env.topic} {text}")
         sys.stdout.flush()
 
 

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
 
-import betterproto
 import betterproto.lib.google.protobuf as pb
 
 from daemon import filters
 from daemon.errors import InvalidArgument
-from daemon.events import Envelope, EventBus, Overflow, SubscriptionClosed, type_url
+from daemon.events import Envelope, EventBus, Overflow, pack_any
 from daemon.hookspecs import hookimpl
 from daemon.registry import InitContext, Registry
 from daemon.server import request_namespace
@@ -30,16 +28,10 @@ from protos.containerd.types import Envelope as PbEnvelope
 SUBSCRIBER_QUEUE = 4096
 
 
-def to_any(event: Any) -> pb.Any:
-    if isinstance(event, pb.Any):
-        return event
-    if isinstance(event, betterproto.Message):
-        return pb.Any(type_url=type_url(event), value=bytes(event))
-    raise TypeError(f"event of type {type(event).__name__} is not a protobuf message")
-
-
 def to_pb(env: Envelope) -> PbEnvelope:
-    return PbEnvelope(timestamp=env.timestamp, namespace=env.namespace, topic=env.topic, event=to_any(env.event))
+    return PbEnvelope(
+        timestamp=env.timestamp, namespace=env.namespace, topic=env.topic, event=pack_any(env.event)
+    )
 
 
 class EventsService(EventsBase):
@@ -69,15 +61,11 @@ class EventsService(EventsBase):
         sub = self.bus.subscribe(
             filters=wanted, maxsize=SUBSCRIBER_QUEUE, overflow=Overflow.DISCONNECT, name="grpc.subscribe"
         )
-        try:
-            while True:
-                try:
-                    env = await sub.get()
-                except SubscriptionClosed:
-                    return
+        # Ends when the bus closes (daemon stopping); a subscriber that falls
+        # SUBSCRIBER_QUEUE events behind gets SlowConsumer: RESOURCE_EXHAUSTED.
+        async with sub:
+            async for env in sub:
                 yield to_pb(env)
-        finally:
-            sub.close()
 
 
 async def init(ic: InitContext) -> EventsService:

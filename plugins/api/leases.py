@@ -8,13 +8,14 @@ metadata store; a namespace holding a lease cannot be deleted.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import betterproto.lib.google.protobuf as pb
 
 from daemon import filters
 from daemon.errors import InvalidArgument
 from daemon.hookspecs import hookimpl
+from daemon.metadata import Lease as StoredLease
+from daemon.metadata import LeaseResource, MetadataStore
 from daemon.registry import InitContext, Registry
 from daemon.server import request_namespace
 from protos.containerd.services.leases.v1 import (
@@ -39,7 +40,7 @@ def _need(value: str, field: str) -> str:
     return value
 
 
-def _pb(lease: Any) -> Lease:
+def _pb(lease: StoredLease) -> Lease:
     return Lease(id=lease.id, created_at=lease.created_at, labels=dict(lease.labels))
 
 
@@ -57,16 +58,14 @@ def _adaptor(lease: Lease) -> filters.Adaptor:
     return get
 
 
-def _resource(res: Resource | None, field: str) -> Any:
-    from daemon.metadata import LeaseResource
-
+def _resource(res: Resource | None, field: str) -> LeaseResource:
     if res is None:
         raise InvalidArgument(f"{field}: must be set")
     return LeaseResource(id=_need(res.id, f"{field}.id"), type=_need(res.type, f"{field}.type"))
 
 
 class LeasesService(LeasesBase):
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: MetadataStore) -> None:
         self.leases = store.leases
 
     async def create(self, create_request: CreateRequest) -> CreateResponse:

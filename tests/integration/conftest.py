@@ -15,8 +15,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,7 @@ class Berthd:
                     async with self.client() as c:
                         await c.version()
                     return
-                except (OSError, ConnectionError, asyncio.TimeoutError):
+                except (TimeoutError, OSError, ConnectionError):
                     pass
                 except Exception:  # noqa: BLE001 - not serving yet
                     pass
@@ -174,3 +175,45 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "c
             return value
         time.sleep(0.02)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class CliEvents:
+    """``berth events`` as a child process whose lines are read by a thread.
+
+    The subscription is established asynchronously inside the CLI, so tests
+    call :meth:`first_line` with a producer that emits events until one line
+    arrives (with a deadline) instead of guessing with a sleep.
+    """
+
+    def __init__(self, d: Berthd, *filters: str) -> None:
+        self.proc = subprocess.Popen(
+            [str(BIN / "berth"), "--address", d.address, "events", *filters],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    async def first_line(self, produce: Callable[[], Awaitable[None]], timeout: float = 20.0) -> str:
+        deadline = time.monotonic() + timeout
+        while not self.lines:
+            if time.monotonic() > deadline:
+                raise AssertionError("berth events printed nothing")
+            if self.proc.poll() is not None:
+                raise AssertionError(f"berth events exited {self.proc.returncode}")
+            await produce()
+            await asyncio.sleep(0.05)
+        return self.lines[0]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._reader.join(timeout=5)

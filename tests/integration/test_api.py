@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import threading
 from typing import Any
 
 import betterproto.lib.google.protobuf as pb
@@ -25,7 +24,7 @@ from protos.containerd.services.leases.v1 import (
     Resource,
 )
 from protos.containerd.services.namespaces.v1 import GetNamespaceRequest, NamespacesStub
-from tests.integration.conftest import BIN, Berthd
+from tests.integration.conftest import BIN, Berthd, CliEvents
 
 BUILTINS = {
     "berth.metadata.v1.sqlite",
@@ -128,9 +127,11 @@ async def test_namespace_with_objects_cannot_be_deleted(berthd: Berthd) -> None:
     leases = LeasesStub(channel, metadata={"containerd-namespace": "busy"})
     try:
         await leases.create(CreateRequest(id="pull-1", labels={"why": "test"}))
-        await leases.add_resource(AddResourceRequest(id="pull-1", resource=Resource(id="sha256:ab", type="content")))
+        await leases.add_resource(
+            AddResourceRequest(id="pull-1", resource=Resource(id="sha256:" + "ab" * 32, type="content"))
+        )
         got = await leases.list_resources(ListResourcesRequest(id="pull-1"))
-        assert [(r.id, r.type) for r in got.resources] == [("sha256:ab", "content")]
+        assert [(r.id, r.type) for r in got.resources] == [("sha256:" + "ab" * 32, "content")]
         listed = await leases.list(ListRequest(filters=["labels.why==test"]))
         assert [x.id for x in listed.leases] == ["pull-1"]
         rm = berthd.berth("namespaces", "rm", "busy")
@@ -195,35 +196,28 @@ async def test_events_publish_validation(berthd: Berthd) -> None:
 
 
 async def test_berth_events_cli_prints_one_line_per_event(berthd: Berthd) -> None:
-    proc = subprocess.Popen(
-        [str(BIN / "berth"), "--address", berthd.address, "events", "namespace==watched"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline() if proc.stdout else ""))
-    reader.start()
+    watcher = CliEvents(berthd, "namespace==watched")
     try:
         async with berthd.client() as c:
-            for _ in range(200):  # until the CLI's subscription is established
+
+            async def churn() -> None:
                 await c.create_namespace("watched", {"a": "b"})
                 await c.delete_namespace("watched")
-                await asyncio.sleep(0.05)
-                if lines:
-                    break
-        assert lines, "berth events printed nothing"
-        parts = lines[0].split(" ", 3)
+
+            line = await watcher.first_line(churn)
+        parts = line.split(" ", 3)
         assert parts[1] == "watched" and parts[2] in ("/namespaces/create", "/namespaces/delete")
         payload = json.loads(parts[3])
         assert payload["name"] == "watched"
+        assert payload["type"].startswith("containerd.events.Namespace")
     finally:
-        proc.kill()
-        proc.wait()
-        reader.join(timeout=5)
+        watcher.close()
 
 
 def test_cli_when_daemon_is_not_running(short_tmp: Any) -> None:
     sock = str(short_tmp / "nothing.sock")
     out = subprocess.run([str(BIN / "berth"), "--address", sock, "version"], capture_output=True, text=True)
     assert out.returncode == 3
-    assert out.stderr.strip() == f"berth: cannot connect to berthd at {sock}: no such file; is berthd running?"
+    assert (
+        out.stderr.strip() == f"berth: cannot connect to berthd at {sock}: no such file; is berthd running?"
+    )

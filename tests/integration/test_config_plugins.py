@@ -28,7 +28,7 @@ def test_example_config_is_exactly_the_default() -> None:
     assert (REPO / "config.toml.example").read_text() == out.stdout
     data = tomllib.loads(out.stdout)
     assert data["version"] == 1 and data["root"] == "/var/lib/berth"
-    assert "berth.metadata.v1.sqlite" in data.get("plugins", {}) or "plugins" not in data or True
+    assert data["plugins"]["berth.metadata.v1.sqlite"] == {"synchronous": "full"}
     # every key carries a comment: no key line is preceded directly by another key line without one
     lines = out.stdout.splitlines()
     for i, line in enumerate(lines):
@@ -43,12 +43,7 @@ def test_config_check_ok_and_problems(short_tmp: Path) -> None:
     assert ok.returncode == 0 and "ok" in ok.stdout
     bad = short_tmp / "config.toml"
     bad.write_text(
-        "version = 1\n"
-        'root = "relative/root"\n'
-        "[grpc]\n"
-        'adress = "/run/x.sock"\n'
-        "[debug]\n"
-        'level = "loud"\n'
+        'version = 1\nroot = "relative/root"\n[grpc]\nadress = "/run/x.sock"\n[debug]\nlevel = "loud"\n'
     )
     out = berthd_cmd("config", "check", str(bad))
     assert out.returncode == 2
@@ -132,7 +127,8 @@ async def test_third_party_plugin_is_loaded_and_configured(
     out = berthd_cmd("config", "check", str(bad), env=env)
     assert out.returncode == 2
     assert (
-        f'plugins."berth.example.v1.hello".greting: unknown key, did you mean greeting? ({bad}:3)' in out.stderr
+        f'plugins."berth.example.v1.hello".greting: unknown key, did you mean greeting? ({bad}:3)'
+        in out.stderr
     )
 
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.integration.conftest import Berthd, wait_for
+from tests.integration.conftest import Berthd, CliEvents, wait_for
 
 
 async def test_sigterm_stops_cleanly_and_removes_socket(berthd: Berthd) -> None:
@@ -26,29 +26,26 @@ async def test_sigterm_stops_cleanly_and_removes_socket(berthd: Berthd) -> None:
 
 async def test_sigint_stops_while_a_subscriber_is_streaming(berthd: Berthd) -> None:
     # An open Events.Subscribe stream must not hold shutdown hostage.
-    import subprocess
-
-    from tests.integration.conftest import BIN
-
-    sub = subprocess.Popen(
-        [str(BIN / "berth"), "--address", berthd.address, "events"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    watcher = CliEvents(berthd, 'topic=="/namespaces/create"')
     try:
         async with berthd.client() as c:
-            await c.create_namespace("before-stop", {})
-        assert sub.stdout is not None
-        line = sub.stdout.readline().decode()
+            n = 0
+
+            async def create() -> None:
+                nonlocal n
+                n += 1
+                await c.create_namespace(f"before-stop-{n}", {})
+
+            line = await watcher.first_line(create)
         assert "/namespaces/create" in line
+        started = time.monotonic()
         berthd.signal(signal.SIGINT)
         assert berthd.wait_exit(timeout=10) == 0
-        # The client sees its stream end (it does not hang on a dead daemon).
-        sub.wait(timeout=10)
+        assert time.monotonic() - started < 10
+        # The client sees its stream end: it does not hang on a stopped daemon.
+        watcher.proc.wait(timeout=10)
     finally:
-        if sub.poll() is None:
-            sub.kill()
-            sub.wait()
+        watcher.close()
 
 
 async def test_sighup_is_logged_and_daemon_keeps_running(berthd: Berthd) -> None:

@@ -8,6 +8,8 @@ import subprocess
 from collections.abc import Callable
 
 import aiohttp
+import pytest
+from grpclib.exceptions import GRPCError
 
 from tests.integration.conftest import Berthd
 
@@ -33,7 +35,8 @@ async def test_metrics_endpoint_on_unix_socket(make_berthd: Callable[..., Berthd
         await c.version()
         await c.version()
         await c.create_namespace("m1", {})
-        await c.create_namespace("m1", {})  # AlreadyExists
+        with pytest.raises(GRPCError):
+            await c.create_namespace("m1", {})  # counted as ALREADY_EXISTS
     async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(metrics_sock))) as s:
         resp = await s.get("http://berthd/v1/metrics")
         assert resp.status == 200
@@ -76,7 +79,10 @@ async def test_ctr_version_namespaces_plugins(berthd: Berthd) -> None:
     assert "Version:" in server and "0.1.0" in server
     created = ctr(berthd, "namespaces", "create", "from-ctr", "made=by-ctr")
     assert created.returncode == 0, created.stderr
-    assert any(line.split() == ["from-ctr", "made=by-ctr"] for line in ctr(berthd, "namespaces", "ls").stdout.splitlines())
+    assert any(
+        line.split() == ["from-ctr", "made=by-ctr"]
+        for line in ctr(berthd, "namespaces", "ls").stdout.splitlines()
+    )
     labelled = ctr(berthd, "namespaces", "label", "from-ctr", "made=")
     assert labelled.returncode == 0, labelled.stderr
     assert "from-ctr" in berthd.berth("namespaces", "ls", check=True).stdout

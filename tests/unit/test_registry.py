@@ -85,7 +85,9 @@ async def test_failure_is_recorded_and_dependents_skipped(tmp_path: Path) -> Non
         registry.add(
             type="berth.content.v1", id="local", init=rec.plugin("local"), requires=["berth.metadata.v1"]
         )
-        registry.add(type="berth.diff.v1", id="walk", init=rec.plugin("walk"), requires=["berth.content.v1.local"])
+        registry.add(
+            type="berth.diff.v1", id="walk", init=rec.plugin("walk"), requires=["berth.content.v1.local"]
+        )
         registry.add(type="berth.other.v1", id="fine", init=rec.plugin("fine"))
         registry.add(type="berth.snapshotter.v1", id="zfs", init=rec.plugin("zfs", skip=True))
 
@@ -161,7 +163,7 @@ def test_registration_is_validated() -> None:
     reg = Registry()
     with pytest.raises(InvalidArgument, match="must look like berth"):
         reg.add(type="snapshotter", id="x", init=init)
-    with pytest.raises(InvalidArgument, match="no '.'"):
+    with pytest.raises(InvalidArgument, match=r"no '\.'"):
         reg.add(type="berth.x.v1", id="a.b", init=init)
     with pytest.raises(InvalidArgument, match="async"):
         reg.add(type="berth.x.v1", id="a", init=sync_init)  # type: ignore[arg-type]
