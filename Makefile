@@ -45,6 +45,8 @@ lint: install
 	$(BIN)/ruff check daemon plugins protos tests bench
 	$(BIN)/ruff format --check daemon plugins protos tests bench
 	$(BIN)/mypy
+	$(BIN)/mypy protos/generate.py
+	$(BIN)/python protos/generate.py --check
 
 typecheck: install
 	$(BIN)/mypy

@@ -371,7 +371,10 @@ class Registry:
             try:
                 ic.root.mkdir(parents=True, exist_ok=True, mode=0o700)
                 ic.state.mkdir(parents=True, exist_ok=True, mode=0o700)
-                st.instance = await reg.init(ic)
+                # Everything logged during init, and by tasks init starts,
+                # carries the plugin's name, whatever logger it uses.
+                with structlog.contextvars.bound_contextvars(plugin=name):
+                    st.instance = await reg.init(ic)
             except PluginSkip as exc:
                 st.status, st.error = Status.SKIP, str(exc) or "skipped by plugin"
                 log.info("plugin.skip", plugin=name, reason=st.error)
@@ -410,7 +413,8 @@ class Registry:
             st = self._states[name]
             for closer in reversed(st.closers):
                 try:
-                    await closer()
+                    with structlog.contextvars.bound_contextvars(plugin=name):
+                        await closer()
                 except Exception as exc:  # noqa: BLE001 - every plugin gets closed
                     errors.append((name, exc))
                     log.error("plugin.close_failed", plugin=name, error=str(exc))

@@ -86,6 +86,8 @@ def _wrap(
 
     async def serve(stream: Stream[Any, Any]) -> None:
         token = _metadata.set(stream.metadata)
+        # Lines logged while serving (by any module) name the serving plugin.
+        structlog.contextvars.bind_contextvars(plugin=plugin)
         started = time.monotonic()
         code = Status.OK
         message = ""

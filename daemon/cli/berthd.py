@@ -72,6 +72,8 @@ def _apply_overrides(cfg: Config, args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Until the config says otherwise: info level, so early lines look like later ones.
+    configure(args.log_level or "info", args.log_format or "console")
     registry = load_registry()
     schemas = registry.schemas()
     names = [r.full_name for r in registry.registrations]

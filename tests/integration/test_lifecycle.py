@@ -145,3 +145,6 @@ async def test_json_logs_carry_plugin_and_grpc_calls_at_debug(make_berthd: Calla
     assert isinstance(ns_call["ms"], float)
     loaded = {x["plugin"] for x in lines if x["event"] == "plugin.loaded"}
     assert "berth.metadata.v1.sqlite" in loaded
+    # Lines of library modules are attributed to the plugin whose work they do.
+    opened = next(x for x in lines if x["event"] == "metadata.open")
+    assert opened["plugin"] == "berth.metadata.v1.sqlite"
