@@ -10,6 +10,7 @@ BIN := $(VENV)/bin
 # its shim and daemon are the yardstick for bench/. runc runs containers.
 DEB_PACKAGES := containerd runc iproute2 util-linux procps busybox-static
 STAMP := $(VENV)/.installed
+PY_DIRS := daemon plugins protos tests $(wildcard bench)
 
 .PHONY: all deps venv install protos protos-check lint typecheck test unit integration demo clean
 
@@ -42,8 +43,8 @@ protos-check: venv
 	$(BIN)/python protos/generate.py --check
 
 lint: install
-	$(BIN)/ruff check daemon plugins protos tests bench
-	$(BIN)/ruff format --check daemon plugins protos tests bench
+	$(BIN)/ruff check $(PY_DIRS)
+	$(BIN)/ruff format --check $(PY_DIRS)
 	$(BIN)/mypy
 	$(BIN)/mypy protos/generate.py
 	$(BIN)/python protos/generate.py --check
