@@ -24,7 +24,7 @@ metrics via :func:`bus_collector`):
 
 Topics follow containerd (``/tasks/exit``, ``/images/create``); events are
 betterproto messages, or ``google.protobuf.Any`` when forwarded as received
-(:func:`type_url`, :func:`pack_any` and :func:`decode_any` convert).
+(:mod:`daemon.typeurl` converts).
 
 Threads: the bus belongs to one event loop. From a worker thread use
 :meth:`EventBus.publish_threadsafe`, which hops to the loop with
@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import importlib
 import itertools
 import re
 from collections import deque
@@ -46,13 +45,13 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
-import betterproto
 import structlog
 from betterproto.lib.google.protobuf import Any as ProtoAny
 
 from daemon import filters
 from daemon.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from daemon.metrics import Sample
+from daemon.typeurl import decode_any
 
 log = structlog.get_logger("berth.events")
 
@@ -92,67 +91,6 @@ class SubscriberStats:
     maxsize: int
     dropped: int
     overflow: Overflow
-
-
-# -- type urls ----------------------------------------------------------------
-
-_TYPES: dict[str, type[betterproto.Message] | None] = {}
-
-
-def type_url(event: Any) -> str:
-    """The containerd type url of an event: ``containerd.events.TaskExit``.
-
-    For a class generated into ``protos.<package>`` it is the proto package
-    plus the class name; a class may override it with a ``__type_url__``
-    attribute; an ``Any`` carries its own.
-    """
-    if isinstance(event, ProtoAny):
-        return str(event.type_url)
-    cls: type[Any] = type(event)
-    override = getattr(cls, "__type_url__", None)
-    if isinstance(override, str):
-        return override
-    module = cls.__module__.removeprefix("protos.")
-    return f"{module}.{cls.__name__}"
-
-
-def register_type(cls: type[betterproto.Message]) -> type[betterproto.Message]:
-    """Make ``decode_any`` know a message class (usable as a decorator).
-
-    Classes generated under ``protos.`` are found without registration.
-    """
-    _TYPES[type_url(cls())] = cls
-    return cls
-
-
-def _resolve(url: str) -> type[betterproto.Message] | None:
-    if url in _TYPES:
-        return _TYPES[url]
-    found: type[betterproto.Message] | None = None
-    name = url.rsplit("/", 1)[-1]  # tolerate "type.googleapis.com/pkg.Msg"
-    module, _, cls_name = name.rpartition(".")
-    if module and all(part.isidentifier() for part in (*module.split("."), cls_name)):
-        try:
-            candidate = getattr(importlib.import_module(f"protos.{module}"), cls_name, None)
-        except ImportError:
-            candidate = None
-        if isinstance(candidate, type) and issubclass(candidate, betterproto.Message):
-            found = candidate
-    _TYPES[url] = found
-    return found
-
-
-def decode_any(value: ProtoAny) -> betterproto.Message | None:
-    """The message packed in an ``Any``, or None when its type is unknown."""
-    cls = _resolve(value.type_url)
-    return None if cls is None else cls().parse(value.value)
-
-
-def pack_any(event: Any) -> ProtoAny:
-    """An event as ``google.protobuf.Any`` (as the Events service sends it)."""
-    if isinstance(event, ProtoAny):
-        return event
-    return ProtoAny(type_url=type_url(event), value=bytes(event))
 
 
 def envelope_adaptor(env: Envelope) -> filters.Adaptor:

@@ -11,14 +11,7 @@ import betterproto
 import betterproto.lib.google.protobuf as pb
 from grpclib.exceptions import GRPCError
 
-import protos.containerd.events as events_pb
-
-# Type URLs of the events berth knows how to print; unknown ones print raw.
-_EVENT_TYPES: dict[str, type[betterproto.Message]] = {
-    f"containerd.events.{name}": cls
-    for name, cls in vars(events_pb).items()
-    if isinstance(cls, type) and issubclass(cls, betterproto.Message)
-}
+from daemon import typeurl
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
@@ -55,8 +48,7 @@ def decode_any(event: pb.Any | None) -> Any:
     """An event payload as JSON-able data: decoded when its type is known."""
     if event is None:
         return None
-    name = event.type_url.rsplit("/", 1)[-1]
-    cls = _EVENT_TYPES.get(name)
-    if cls is None:
+    msg = typeurl.decode_any(event)
+    if msg is None:
         return {"type_url": event.type_url, "value": event.value.hex()}
-    return {"type": name, **cls().parse(event.value).to_pydict(casing=betterproto.Casing.SNAKE)}
+    return {"type": event.type_url, **msg.to_pydict(casing=betterproto.Casing.SNAKE)}

@@ -17,10 +17,11 @@ import betterproto.lib.google.protobuf as pb
 
 from daemon import filters
 from daemon.errors import InvalidArgument
-from daemon.events import Envelope, EventBus, Overflow, pack_any
+from daemon.events import Envelope, EventBus, Overflow
 from daemon.hookspecs import hookimpl
 from daemon.registry import InitContext, Registry
 from daemon.server import request_namespace
+from daemon.typeurl import pack_any
 from protos.containerd.services.events.v1 import EventsBase, ForwardRequest, PublishRequest, SubscribeRequest
 from protos.containerd.types import Envelope as PbEnvelope
 

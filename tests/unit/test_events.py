@@ -15,7 +15,7 @@ import pytest
 from betterproto.lib.google.protobuf import Any as ProtoAny
 from grpclib.const import Status
 
-from daemon import events
+from daemon import events, typeurl
 from daemon.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from daemon.events import (
     Envelope,
@@ -38,7 +38,7 @@ class TaskExit(betterproto.Message):
     )
 
 
-events.register_type(TaskExit)
+typeurl.register_type(TaskExit)
 TASK_EXIT_URL = "tests.unit.test_events.TaskExit"  # not generated under protos.: the full module path
 
 
@@ -167,11 +167,11 @@ async def test_forward_keeps_the_envelope_as_received() -> None:
     bus = EventBus()
     sub = bus.subscribe()
     stamp = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
-    raw = events.pack_any(ev(3))
+    raw = typeurl.pack_any(ev(3))
     bus.forward(Envelope(stamp, "k8s.io", "/tasks/exit", raw))
     env = await get(sub)
     assert env.timestamp == stamp and env.event is raw
-    decoded = events.decode_any(env.event)
+    decoded = typeurl.decode_any(env.event)
     assert isinstance(decoded, TaskExit) and decoded.container_id == "c3"
 
 
@@ -302,8 +302,8 @@ def test_filters_see_inside_forwarded_any_events() -> None:
     bus = EventBus()
     sub = bus.subscribe(filters=["event.labels.io.k8s.pod==p1"])
     stamp = datetime.now(UTC)
-    hit = events.pack_any(TaskExit(container_id="a", labels={"io.k8s.pod": "p1"}))
-    miss = events.pack_any(TaskExit(container_id="b", labels={"io.k8s.pod": "p2"}))
+    hit = typeurl.pack_any(TaskExit(container_id="a", labels={"io.k8s.pod": "p1"}))
+    miss = typeurl.pack_any(TaskExit(container_id="b", labels={"io.k8s.pod": "p2"}))
     unknown = ProtoAny(type_url="nobody.knows.This", value=b"\x0a\x01z")
     for raw in (hit, miss, unknown):
         bus.forward(Envelope(stamp, "default", "/tasks/exit", raw))
@@ -400,26 +400,26 @@ def test_type_url() -> None:
         pass
 
     Generated.__module__ = "protos.containerd.events"
-    assert events.type_url(Generated()) == "containerd.events.Generated"
-    assert events.type_url(ev(1)) == TASK_EXIT_URL
-    assert events.type_url(ProtoAny(type_url="containerd.events.TaskExit")) == "containerd.events.TaskExit"
+    assert typeurl.type_url(Generated()) == "containerd.events.Generated"
+    assert typeurl.type_url(ev(1)) == TASK_EXIT_URL
+    assert typeurl.type_url(ProtoAny(type_url="containerd.events.TaskExit")) == "containerd.events.TaskExit"
 
     @dataclass(eq=False, repr=False)
     class Custom(betterproto.Message):
         __type_url__ = "example.com.Custom"
         x: str = betterproto.string_field(1)
 
-    assert events.type_url(Custom()) == "example.com.Custom"
+    assert typeurl.type_url(Custom()) == "example.com.Custom"
 
 
 def test_pack_and_decode_any() -> None:
-    packed = events.pack_any(ev(5))
+    packed = typeurl.pack_any(ev(5))
     assert packed.type_url == TASK_EXIT_URL
-    assert events.pack_any(packed) is packed
-    decoded = events.decode_any(packed)
+    assert typeurl.pack_any(packed) is packed
+    decoded = typeurl.decode_any(packed)
     assert isinstance(decoded, TaskExit) and decoded.exit_status == 5
-    assert events.decode_any(ProtoAny(type_url="no.such.Type")) is None
-    assert events.decode_any(ProtoAny(type_url="")) is None
+    assert typeurl.decode_any(ProtoAny(type_url="no.such.Type")) is None
+    assert typeurl.decode_any(ProtoAny(type_url="")) is None
 
 
 def test_decode_any_finds_generated_classes_without_registration(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -433,12 +433,12 @@ def test_decode_any_finds_generated_classes_without_registration(monkeypatch: py
     module.ImageCreate = ImageCreate  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, module.__name__, module)
     packed = ProtoAny(type_url="berthtest_generated.ImageCreate", value=bytes(ImageCreate(name="busybox")))
-    assert events.type_url(ImageCreate()) == "berthtest_generated.ImageCreate"
-    decoded = events.decode_any(packed)
+    assert typeurl.type_url(ImageCreate()) == "berthtest_generated.ImageCreate"
+    decoded = typeurl.decode_any(packed)
     assert isinstance(decoded, ImageCreate) and decoded.name == "busybox"
     # a type.googleapis.com/ prefix is tolerated
     assert (
-        events.decode_any(ProtoAny(type_url="type.googleapis.com/berthtest_generated.ImageCreate"))
+        typeurl.decode_any(ProtoAny(type_url="type.googleapis.com/berthtest_generated.ImageCreate"))
         is not None
     )
 

@@ -1,0 +1,588 @@
+"""gRPC round trips against berthd and Debian's containerd, side by side, from one Python client.
+
+    .venv/bin/python -m bench.grpc_roundtrip [--calls N] [--budget S] [--json]
+    .venv/bin/python bench/grpc_roundtrip.py [...]
+
+One run starts both daemons on private temporary roots (never the system's
+/run/containerd or /var/lib/containerd), measures the same operations against
+each with the same client (grpclib and the betterproto stubs of ``protos/``),
+prints a table and stops both daemons by PID. containerd is the yardstick:
+figures only mean something as a ratio measured in the same run, on the same
+machine, at the same moment.
+
+What is measured, per daemon:
+
+* unary ``Version`` latency, ``Namespaces.List`` latency and the latency of a
+  ``Namespaces.Create`` + ``Namespaces.Delete`` pair (two durable writes:
+  SQLite WAL for berth, bbolt for containerd), each N sequential calls after a
+  warm-up;
+* ``Version`` with 32 concurrent callers on one channel: per-call latency and
+  calls per second;
+* daemon CPU time per operation (utime+stime from /proc, all threads), which
+  the client's own speed does not cap, and the daemons' RSS when idle after
+  start and after the run.
+
+Phases are split into rounds that alternate which daemon goes first, so a
+drift of the machine (frequency, a noisy neighbour) falls on both. Every loop
+is bounded by a count and by a time budget; a phase cut short by its budget is
+flagged in the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import gc
+import itertools
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import betterproto.lib.google.protobuf as pb
+from grpclib.client import Channel
+from grpclib.exceptions import GRPCError, StreamTerminatedError
+
+from protos.containerd.services.namespaces.v1 import (
+    CreateNamespaceRequest,
+    DeleteNamespaceRequest,
+    ListNamespacesRequest,
+    Namespace,
+    NamespacesStub,
+)
+from protos.containerd.services.version.v1 import VersionStub
+
+NAMESPACE_HEADER = "containerd-namespace"
+CONTAINERD = "/usr/bin/containerd"
+READY_TIMEOUT = 30.0
+STOP_GRACE = 10.0
+CALL_TIMEOUT = 10.0
+ROUNDS = 4  # rounds per phase; the daemon that goes first alternates
+CONCURRENCY = 32
+LIST_FIXTURES = 8  # namespaces present during Namespaces.List, the same on both daemons
+PR_SET_PDEATHSIG = 1
+
+
+class BenchError(Exception):
+    """A daemon could not be started or stopped answering; the message names which and why."""
+
+
+# -- daemons -------------------------------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: if the bench is killed outright, the daemon gets SIGTERM too."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+@dataclass
+class Daemon:
+    """One daemon process on its own temporary directory, known and stopped by PID."""
+
+    name: str
+    argv: list[str]
+    address: str
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            # Own session: a Ctrl-C in the terminal reaches the bench only, which then stops
+            # the daemons itself, in order, from its finally block.
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise BenchError(f"{self.name} was not started")
+        return self.proc.pid
+
+    def exited(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def rss_kib(self) -> int:
+        """VmRSS of the daemon's process, in KiB."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise BenchError(f"{self.name}: no VmRSS in /proc/{self.pid}/status")
+
+    def cpu_seconds(self) -> float:
+        """utime+stime of the whole process (every thread), in seconds; a read of /proc, microseconds."""
+        stat = Path(f"/proc/{self.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()  # fields[0] is field 3 (state) of proc(5)
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after a grace period; by PID, and only our own child."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            print(f"{self.name} ignored SIGTERM for {STOP_GRACE}s; sending SIGKILL", file=sys.stderr)
+            self.proc.kill()
+            self.proc.wait()
+
+
+def berthd_daemon(base: Path) -> Daemon:
+    """berthd on embedded defaults; an explicit config file keeps /etc/berth out of the run."""
+    base.mkdir()
+    config = base / "config.toml"
+    config.write_text(
+        "# written by bench/grpc_roundtrip.py: embedded defaults only\nversion = 1\nimports = []\n"
+    )
+    address = str(base / "s" / "b.sock")
+    berthd = Path(sys.executable).parent / "berthd"
+    exe = str(berthd) if berthd.exists() else (shutil.which("berthd") or "berthd")
+    argv = [exe, "--config", str(config), "--root", str(base / "r"), "--state", str(base / "s")]
+    return Daemon("berth", [*argv, "--address", address], address, base / "berthd.log")
+
+
+def containerd_daemon(base: Path) -> Daemon:
+    """A private containerd: every path it writes is under ``base``; CRI (CNI, stream server) is off."""
+    base.mkdir()
+    address = str(base / "c.sock")
+    config = base / "config.toml"
+    config.write_text(
+        f"""# written by bench/grpc_roundtrip.py
+version = 2
+root = "{base / "r"}"
+state = "{base / "s"}"
+# CRI needs CNI and a streaming server; the other snapshotters probe the host and error out
+# when unconfigured. The tracing IDs are absent from Debian's 1.6 build and keep a newer
+# containerd from exporting spans.
+disabled_plugins = [
+  "io.containerd.grpc.v1.cri",
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.tracing.processor.v1.otlp",
+  "io.containerd.internal.v1.tracing",
+]
+
+[grpc]
+  address = "{address}"
+
+[ttrpc]
+  address = "{address}.ttrpc"
+
+[debug]
+  address = "{base / "d.sock"}"
+
+[metrics]
+  address = ""
+  grpc_histogram = false
+
+[plugins]
+  [plugins."io.containerd.internal.v1.opt"]
+    path = "{base / "opt"}"
+"""
+    )
+    return Daemon("containerd", [CONTAINERD, "--config", str(config)], address, base / "containerd.log")
+
+
+def channel_for(d: Daemon) -> Channel:
+    return Channel(path=d.address)
+
+
+async def wait_ready(d: Daemon, limit_s: float = READY_TIMEOUT) -> str:
+    """Poll Version until it answers (returns the version string), the process dies, or time runs out."""
+    deadline = time.monotonic() + limit_s
+    last = "socket not created"
+    while time.monotonic() < deadline:
+        rc = d.exited()
+        if rc is not None:
+            raise BenchError(f"{d.name} exited with {rc} while starting:\n{d.log_tail()}")
+        if os.path.exists(d.address):  # noqa: ASYNC240 - one stat per poll
+            channel = channel_for(d)
+            try:
+                resp = await VersionStub(channel, timeout=1.0).version(pb.Empty())
+                return str(resp.version)
+            except (OSError, TimeoutError, GRPCError, StreamTerminatedError) as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            finally:
+                channel.close()
+        await asyncio.sleep(0.02)
+    raise BenchError(f"{d.name} not serving at {d.address} after {limit_s}s ({last}):\n{d.log_tail()}")
+
+
+# -- the client side -----------------------------------------------------------------------------------------
+
+
+class Target:
+    """The same client calls, bound to one daemon's channel."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.channel = channel_for(daemon)
+        md = {NAMESPACE_HEADER: "default"}
+        self._version: Any = VersionStub(self.channel, timeout=CALL_TIMEOUT, metadata=md)
+        self._ns: Any = NamespacesStub(self.channel, timeout=CALL_TIMEOUT, metadata=md)
+        self._seq = itertools.count()
+
+    async def version(self) -> None:
+        await self._version.version(pb.Empty())
+
+    async def list_namespaces(self) -> None:
+        await self._ns.list(ListNamespacesRequest())
+
+    async def create_delete(self) -> None:
+        name = f"bench-{next(self._seq)}"
+        await self._ns.create(CreateNamespaceRequest(namespace=Namespace(name=name, labels={"bench": "1"})))
+        await self._ns.delete(DeleteNamespaceRequest(name=name))
+
+    async def create_fixtures(self) -> None:
+        """The same few namespaces on both daemons, so List returns equal answers."""
+        for i in range(LIST_FIXTURES):
+            ns = Namespace(name=f"fixture-{i}", labels={"bench": "fixture", "index": str(i)})
+            await self._ns.create(CreateNamespaceRequest(namespace=ns))
+
+
+@dataclass(frozen=True)
+class Phase:
+    key: str
+    title: str
+    op: Callable[[Target], Callable[[], Awaitable[None]]]
+    count: int
+    workers: int = 1
+
+
+@dataclass
+class Run:
+    """What one daemon did in one phase, all rounds together."""
+
+    latencies_ns: list[int] = field(default_factory=list)
+    wall_s: float = 0.0
+    daemon_cpu_s: float = 0.0
+    client_cpu_s: float = 0.0
+    cut_by_budget: bool = False
+
+    @property
+    def calls(self) -> int:
+        return len(self.latencies_ns)
+
+
+async def drive(call: Callable[[], Awaitable[None]], count: int, workers: int, budget_s: float) -> list[int]:
+    """``count`` calls by ``workers`` concurrent callers, stopping early at ``budget_s``; latencies in ns."""
+    deadline = time.monotonic() + budget_s
+    remaining = count
+    latencies: list[int] = []
+
+    async def caller() -> None:
+        nonlocal remaining
+        while remaining > 0 and time.monotonic() < deadline:
+            remaining -= 1
+            t0 = time.perf_counter_ns()
+            await call()
+            latencies.append(time.perf_counter_ns() - t0)
+
+    await asyncio.gather(*(caller() for _ in range(workers)))
+    return latencies
+
+
+async def run_phase(phase: Phase, targets: list[Target], budget_s: float, warmup_s: float) -> dict[str, Run]:
+    """Warm up each daemon, then ``ROUNDS`` rounds alternating which daemon goes first."""
+    runs = {t.daemon.name: Run() for t in targets}
+    warmup = max(10, phase.count // 20)
+    for t in targets:
+        await drive(phase.op(t), warmup, phase.workers, warmup_s)
+    per_round = [phase.count // ROUNDS + (1 if r < phase.count % ROUNDS else 0) for r in range(ROUNDS)]
+    for r, count in enumerate(per_round):
+        for t in targets if r % 2 == 0 else targets[::-1]:
+            run = runs[t.daemon.name]
+            gc.collect()
+            cpu0, own0, t0 = t.daemon.cpu_seconds(), time.process_time(), time.perf_counter()
+            lat = await drive(phase.op(t), count, phase.workers, budget_s / ROUNDS)
+            run.wall_s += time.perf_counter() - t0
+            run.client_cpu_s += time.process_time() - own0
+            run.daemon_cpu_s += t.daemon.cpu_seconds() - cpu0
+            run.latencies_ns += lat
+            run.cut_by_budget |= len(lat) < count
+    return runs
+
+
+# -- figures -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Figure:
+    value: float  # the median for distributions, the figure itself otherwise
+    p99: float | None = None
+    n: int = 0
+    cut_by_budget: bool = False
+
+
+@dataclass
+class Metric:
+    name: str
+    unit: str
+    berth: Figure
+    containerd: Figure
+
+    @property
+    def ratio(self) -> float | None:
+        return self.berth.value / self.containerd.value if self.containerd.value else None
+
+
+def p99(values: list[float]) -> float:
+    """Nearest-rank 99th percentile."""
+    ordered = sorted(values)
+    return ordered[max(0, -(-99 * len(ordered) // 100) - 1)]
+
+
+def latency_figure(run: Run, per_call_divisor: int = 1) -> Figure:
+    if not run.latencies_ns:
+        return Figure(float("nan"), float("nan"), 0, run.cut_by_budget)
+    us = [ns / 1000 / per_call_divisor for ns in run.latencies_ns]
+    return Figure(statistics.median(us), p99(us), run.calls, run.cut_by_budget)
+
+
+def cpu_figure(run: Run, ops_per_call: int, client: bool = False) -> Figure:
+    ops = run.calls * ops_per_call
+    seconds = run.client_cpu_s if client else run.daemon_cpu_s
+    return Figure(seconds / ops * 1e6 if ops else float("nan"), None, ops, run.cut_by_budget)
+
+
+def throughput_figure(run: Run) -> Figure:
+    return Figure(run.calls / run.wall_s if run.wall_s else float("nan"), None, run.calls, run.cut_by_budget)
+
+
+def format_table(metrics: list[Metric]) -> str:
+    header = [
+        "metric",
+        "berth median",
+        "berth p99",
+        "containerd median",
+        "containerd p99",
+        "berth/containerd",
+    ]
+    rows = [header]
+    for m in metrics:
+
+        def cell(x: float | None) -> str:
+            if x is None:
+                return "-"
+            return f"{x:,.1f}" if abs(x) < 100 else f"{x:,.0f}"
+
+        flag = " *" if m.berth.cut_by_budget or m.containerd.cut_by_budget else ""
+        ratio = "-" if m.ratio is None else f"{m.ratio:.2f}x"
+        rows.append(
+            [
+                f"{m.name} ({m.unit}){flag}",
+                cell(m.berth.value),
+                cell(m.berth.p99),
+                cell(m.containerd.value),
+                cell(m.containerd.p99),
+                ratio,
+            ]
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = []
+    for i, r in enumerate(rows):
+        lines.append(
+            "  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)])
+        )
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# -- the run -------------------------------------------------------------------------------------------------
+
+
+def phases(calls: int) -> list[Phase]:
+    """Write pairs are a quarter of the count (two fsyncing transactions each); x32 is four times it."""
+    return [
+        Phase("version", "Version", lambda t: t.version, calls),
+        Phase("list", "Namespaces.List", lambda t: t.list_namespaces, calls),
+        Phase(
+            "create_delete",
+            "Namespaces Create+Delete pair",
+            lambda t: t.create_delete,
+            max(ROUNDS, calls // 4),
+        ),
+        Phase(
+            "version_x32", f"Version x{CONCURRENCY} concurrent", lambda t: t.version, calls * 4, CONCURRENCY
+        ),
+    ]
+
+
+async def measure(daemons: list[Daemon], calls: int, budget_s: float, info: dict[str, Any]) -> list[Metric]:
+    versions = await asyncio.gather(*(wait_ready(d) for d in daemons))
+    info["servers"] = {
+        d.name: {"version": v, "pid": d.pid, "rss_idle_kib": d.rss_kib()}
+        for d, v in zip(daemons, versions, strict=True)
+    }
+    targets = [Target(d) for d in daemons]
+    try:
+        for t in targets:
+            await t.create_fixtures()
+        metrics: list[Metric] = []
+        for phase in phases(calls):
+            print(f"  {phase.title}: {phase.count} calls per daemon ...", file=sys.stderr)
+            runs = await run_phase(phase, targets, budget_s, warmup_s=min(2.0, budget_s / 4))
+            b, c = runs["berth"], runs["containerd"]
+            if phase.key == "version_x32":
+                metrics.append(Metric(f"{phase.title} latency", "us", latency_figure(b), latency_figure(c)))
+                metrics.append(
+                    Metric(f"{phase.title} throughput", "calls/s", throughput_figure(b), throughput_figure(c))
+                )
+            else:
+                metrics.append(Metric(f"{phase.title} latency", "us", latency_figure(b), latency_figure(c)))
+            ops = 2 if phase.key == "create_delete" else 1
+            unit = "us/call" if ops == 1 else "us/RPC"
+            metrics.append(Metric(f"{phase.title} daemon CPU", unit, cpu_figure(b, ops), cpu_figure(c, ops)))
+            if phase.key == "version_x32":
+                # The client's own cost per call: when it is close to wall time per call, the client is
+                # the bottleneck and the throughput ratio understates the daemons' difference.
+                metrics.append(
+                    Metric(
+                        f"{phase.title} client CPU",
+                        unit,
+                        cpu_figure(b, ops, client=True),
+                        cpu_figure(c, ops, client=True),
+                    )
+                )
+        return metrics
+    finally:
+        for t in targets:
+            t.channel.close()
+
+
+def machine() -> dict[str, Any]:
+    try:
+        ctd = subprocess.run(
+            [CONTAINERD, "--version"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        ctd = f"unknown ({exc})"
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "nproc": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "containerd": ctd,
+    }
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM to the bench unwinds like Ctrl-C, so the finally block still stops the daemons."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="bench.grpc_roundtrip", description=__doc__.split("\n\n")[0] if __doc__ else ""
+    )
+    p.add_argument(
+        "--calls", type=int, default=2000, help="sequential calls per daemon per phase (default 2000)"
+    )
+    p.add_argument(
+        "--budget", type=float, default=6.0, help="seconds allowed per daemon per phase (default 6); a cap"
+    )
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    args = p.parse_args(argv)
+    if args.calls < ROUNDS * 2:
+        p.error(f"--calls must be at least {ROUNDS * 2}")
+    if not os.access(CONTAINERD, os.X_OK):
+        print(f"{CONTAINERD} not found: apt-get install containerd (the reference daemon)", file=sys.stderr)
+        return 1
+
+    info: dict[str, Any] = {"machine": machine(), "calls": args.calls, "budget_s": args.budget}
+    base = Path(tempfile.mkdtemp(prefix="bb-", dir="/tmp"))  # short: unix socket paths are <= 107 bytes
+    daemons = [berthd_daemon(base / "b"), containerd_daemon(base / "c")]
+    started = time.monotonic()
+    failed = True
+    with terminate_as_interrupt():
+        try:
+            for d in daemons:
+                d.start()
+            metrics = asyncio.run(measure(daemons, args.calls, args.budget, info))
+            for d in daemons:
+                if d.exited() is not None:
+                    raise BenchError(f"{d.name} died during the run:\n{d.log_tail()}")
+            idle = {d.name: info["servers"][d.name]["rss_idle_kib"] / 1024 for d in daemons}
+            after = {d.name: d.rss_kib() / 1024 for d in daemons}
+            metrics.append(
+                Metric("RSS idle after start", "MiB", Figure(idle["berth"]), Figure(idle["containerd"]))
+            )
+            metrics.append(
+                Metric("RSS after run", "MiB", Figure(after["berth"]), Figure(after["containerd"]))
+            )
+            failed = False
+        except KeyboardInterrupt:
+            print("interrupted; stopping the daemons", file=sys.stderr)
+            return 130
+        except BenchError as exc:
+            print(f"bench failed: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            for d in daemons:
+                d.stop()
+                if failed and d.proc is not None:
+                    print(f"--- {d.name} log (tail) ---\n{d.log_tail()}", file=sys.stderr)
+            shutil.rmtree(base, ignore_errors=True)
+            if base.exists():
+                print(f"could not remove {base}", file=sys.stderr)
+
+    info["elapsed_s"] = round(time.monotonic() - started, 1)
+    if args.json:
+        out = {**info, "metrics": [{**asdict(m), "ratio": m.ratio} for m in metrics]}
+        print(json.dumps(out, indent=2))
+        return 0
+    servers = info["servers"]
+    print(
+        f"berth {servers['berth']['version']} vs containerd {servers['containerd']['version']}; "
+        f"--calls {args.calls}, one grpclib client, {info['elapsed_s']}s"
+    )
+    print(format_table(metrics))
+    print("ratio: berth's figure over containerd's (median for latency); above 1 means berth is higher.")
+    if any(m.berth.cut_by_budget or m.containerd.cut_by_budget for m in metrics):
+        print(
+            f"* cut short by the time budget (--budget {args.budget}s per daemon per phase); see n in --json."
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
