@@ -24,7 +24,8 @@ from daemon import __version__
 from daemon.config import Config
 from daemon.errors import BerthError, FailedPrecondition
 from daemon.events import EventBus, bus_collector
-from daemon.metrics import MetricsRegistry, MetricsServer, Sample, process_collector
+from daemon.metrics import MetricsRegistry, Sample, process_collector
+from daemon.metricsserver import MetricsServer
 from daemon.registry import DaemonPaths, Registry, Status
 from daemon.server import GrpcServer, instrument, normalize_address
 

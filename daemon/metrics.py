@@ -1,4 +1,4 @@
-"""Metrics: a small registry rendered as Prometheus text (format 0.0.4), and its HTTP server.
+"""Metrics: a small registry rendered as Prometheus text (format 0.0.4).
 
 No client library: the daemon needs counters, gauges, histograms and
 scrape-time collectors, which fit in this module. Plugins get the registry as
@@ -20,13 +20,11 @@ and yields :class:`Sample`s. Collectors run on the event loop and must be
 cheap and non-blocking. Metric updates are thread-safe (worker threads may
 count what they do).
 
-:class:`MetricsServer` serves ``GET /v1/metrics`` (containerd's path) over
-TCP or a unix socket.
+:class:`daemon.metricsserver.MetricsServer` serves it over HTTP.
 """
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import contextlib
 import itertools
@@ -34,7 +32,6 @@ import math
 import os
 import re
 import resource
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -43,9 +40,8 @@ from pathlib import Path
 from typing import ClassVar
 
 import structlog
-from aiohttp import web
 
-from daemon.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from daemon.errors import AlreadyExists, InvalidArgument
 
 log = structlog.get_logger("berth.metrics")
 
@@ -462,126 +458,3 @@ def _start_time(ticks: int) -> float:
     except (OSError, IndexError, ValueError):
         pass
     return time.time()
-
-
-# -- HTTP server -----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Address:
-    unix: Path | None = None
-    host: str | None = None
-    port: int = 0
-
-
-def parse_address(address: str) -> _Address:
-    """``host:port``, ``[v6]:port``, ``:port`` (all interfaces), ``/path`` or ``unix:///path``."""
-    if address.startswith("unix://"):
-        path = address.removeprefix("unix://")
-        if not path:
-            raise InvalidArgument(f'metrics address "{address}": empty socket path')
-        return _Address(unix=Path(path))
-    if address.startswith("/"):
-        return _Address(unix=Path(address))
-    host, sep, port_text = address.rpartition(":")
-    if not sep or not port_text.isdigit() or int(port_text) > 65535:
-        raise InvalidArgument(
-            f'metrics address "{address}": want host:port, [ipv6]:port or a unix socket path'
-        )
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise InvalidArgument(f'metrics address "{address}": put an IPv6 host in brackets, [::1]:9102')
-    return _Address(host=host or None, port=int(port_text))
-
-
-class MetricsServer:
-    """``GET /v1/metrics`` over TCP or a unix socket; start with :meth:`start`, end with :meth:`stop`.
-
-    ``url`` is where it can be scraped (``http://127.0.0.1:41234/v1/metrics``
-    or ``unix:///run/x.sock``); ``port`` is the bound port (useful with port
-    0) and ``path`` the socket path.
-    """
-
-    def __init__(self, runner: web.AppRunner, *, url: str, port: int | None, path: Path | None) -> None:
-        self._runner = runner
-        self.url = url
-        self.port = port
-        self.path = path
-        self._stopped = False
-
-    @classmethod
-    async def start(cls, registry: MetricsRegistry, address: str) -> MetricsServer:
-        addr = parse_address(address)
-
-        async def metrics(request: web.Request) -> web.Response:
-            return web.Response(body=registry.render().encode(), headers={"Content-Type": CONTENT_TYPE})
-
-        app = web.Application()
-        app.router.add_get(METRICS_PATH, metrics)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        try:
-            if addr.unix is not None:
-                await _clear_stale_socket(addr.unix)
-                await web.UnixSite(runner, str(addr.unix)).start()
-                server = cls(runner, url=f"unix://{addr.unix}", port=None, path=addr.unix)
-            else:
-                await web.TCPSite(runner, addr.host, addr.port, reuse_address=True).start()
-                bound = runner.addresses[0]
-                host, port = str(bound[0]), int(bound[1])
-                shown = f"[{host}]" if ":" in host else host
-                server = cls(runner, url=f"http://{shown}:{port}{METRICS_PATH}", port=port, path=None)
-        except OSError as exc:
-            await runner.cleanup()
-            raise FailedPrecondition(f'metrics address "{address}": {exc.strerror or exc}') from exc
-        except BaseException:
-            await runner.cleanup()
-            raise
-        log.info("metrics.listen", address=address, url=server.url)
-        return server
-
-    async def stop(self) -> None:
-        """Stop serving and remove the socket file. Idempotent."""
-        if self._stopped:
-            return
-        self._stopped = True
-        await self._runner.cleanup()
-        if self.path is not None:
-            _remove_socket_file(self.path)
-
-
-async def _clear_stale_socket(path: Path) -> None:
-    """Remove a socket file nobody listens on; refuse to touch a live socket or another file."""
-    if not _socket_file_exists(path):
-        return
-    try:
-        _, writer = await asyncio.open_unix_connection(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        _remove_socket_file(path)
-        log.info("metrics.stale_socket_removed", path=str(path))
-        return
-    writer.close()
-    await writer.wait_closed()
-    raise FailedPrecondition(f'metrics address "{path}": another process is listening on it')
-
-
-# Metadata-only file operations, instant even on a slow disk: called inline on purpose.
-
-
-def _socket_file_exists(path: Path) -> bool:
-    """Create the parent directory; whether a socket file is there (anything else is an error)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return False
-    if not stat.S_ISSOCK(st.st_mode):
-        raise FailedPrecondition(f'metrics address "{path}": exists and is not a socket')
-    return True
-
-
-def _remove_socket_file(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(path.lstat().st_mode):
-            path.unlink()
