@@ -155,6 +155,10 @@ class InitContext:
         """Every plugin's state as of now (for introspection); read-only use."""
         return self._registry.states()
 
+    def load_errors(self) -> dict[str, str]:
+        """Plugin modules that could not be imported or registered, with why."""
+        return dict(self._registry.load_errors)
+
 
 class Registry:
     """Holds every registration and the outcome of its init."""

@@ -32,6 +32,9 @@ from protos.containerd.services.introspection.v1 import (
 )
 from protos.google.rpc import Status as RpcStatus
 
+#: Introspection type under which unloadable plugin modules are listed.
+BROKEN_MODULE_TYPE = "berth.plugins"
+
 
 def to_plugin(st: PluginState) -> Plugin:
     reg = st.registration
@@ -94,8 +97,24 @@ class IntrospectionService(IntrospectionBase):
 
     async def plugins(self, plugins_request: PluginsRequest) -> PluginsResponse:
         flt = filters.parse(list(plugins_request.filters))
-        out = [p for p in map(to_plugin, self._ic.plugins()) if flt.match(_adaptor(p))]
-        return PluginsResponse(plugins=out)
+        listed = [*map(to_plugin, self._ic.plugins()), *self._broken_modules()]
+        return PluginsResponse(plugins=[p for p in listed if flt.match(_adaptor(p))])
+
+    def _broken_modules(self) -> list[Plugin]:
+        """Plugin packages that failed before registering anything.
+
+        They have no type or id of their own, so they are listed under the
+        type ``berth.plugins`` with the module as id: an operator who installed
+        a package sees why it is not there, in the same table.
+        """
+        return [
+            Plugin(
+                type=BROKEN_MODULE_TYPE,
+                id=module,
+                init_err=RpcStatus(code=Code.UNKNOWN.value, message=error),
+            )
+            for module, error in sorted(self._ic.load_errors().items())
+        ]
 
     async def server(self, betterproto_lib_google_protobuf_empty: pb.Empty) -> ServerResponse:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+from datetime import UTC, datetime
 from typing import Any
 
 import betterproto.lib.google.protobuf as pb
@@ -14,6 +15,7 @@ from grpclib.exceptions import GRPCError
 
 from daemon import __version__
 from protos.containerd.events import NamespaceCreate
+from protos.containerd.services.events.v1 import EventsStub, ForwardRequest
 from protos.containerd.services.introspection.v1 import IntrospectionStub, PluginInfoRequest
 from protos.containerd.services.leases.v1 import (
     AddResourceRequest,
@@ -24,6 +26,7 @@ from protos.containerd.services.leases.v1 import (
     Resource,
 )
 from protos.containerd.services.namespaces.v1 import GetNamespaceRequest, NamespacesStub
+from protos.containerd.types import Envelope as PbEnvelope
 from tests.integration.conftest import BIN, Berthd, CliEvents
 
 BUILTINS = {
@@ -178,6 +181,32 @@ async def test_events_subscribe_filters_and_publish(berthd: Berthd) -> None:
     assert NamespaceCreate().parse(first.event.value).name == first.namespace
     assert last.topic == "/namespaces/delete" and last.namespace == first.namespace
     assert all(env.topic.startswith("/namespaces/") for env in got)
+
+
+async def test_events_forward_keeps_namespace_and_timestamp(berthd: Berthd) -> None:
+    when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    got: list[Any] = []
+    probe = pb.Any(type_url="x/y", value=b"")
+    async with berthd.client(timeout=None) as sub_client:
+        task = asyncio.create_task(_collect(sub_client.subscribe(["namespace==fwd"]), got, "/fwd/done"))
+        stub = EventsStub(berthd.channel())
+        try:
+            for _ in range(200):  # until the subscription is live
+                env = PbEnvelope(timestamp=when, namespace="fwd", topic="/fwd/probe", event=probe)
+                await stub.forward(ForwardRequest(envelope=env))
+                await asyncio.sleep(0.02)
+                if got:
+                    break
+            env.topic = "/fwd/done"
+            await stub.forward(ForwardRequest(envelope=env))
+            await asyncio.wait_for(task, 10)
+            with pytest.raises(GRPCError) as err:
+                await stub.forward(ForwardRequest())
+            assert err.value.status == Status.INVALID_ARGUMENT and "envelope" in (err.value.message or "")
+        finally:
+            stub.channel.close()
+    assert got[0].namespace == "fwd" and got[0].timestamp == when and got[0].event.type_url == "x/y"
+    assert got[-1].topic == "/fwd/done"
 
 
 async def test_events_publish_validation(berthd: Berthd) -> None:

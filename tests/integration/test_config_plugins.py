@@ -160,3 +160,22 @@ async def test_disabled_plugin_is_skipped_and_dependents_explain(make_berthd: Ca
     rows = json.loads(d.berth("--format", "json", "plugins", "ls", check=True).stdout)
     leases = next(r for r in rows if r["id"] == "leases")
     assert leases["status"] == "skip" and "disabled" in leases["error"]
+
+
+async def test_broken_plugin_package_is_listed_not_fatal(
+    make_berthd: Callable[..., Berthd], short_tmp: Path
+) -> None:
+    site = short_tmp / "broken-site"
+    dist = site / "berth_broken_plugin-0.0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: berth-broken-plugin\nVersion: 0.0.1\n")
+    (dist / "entry_points.txt").write_text("[berth.plugins]\nbroken = berth_broken_plugin\n")
+    (site / "berth_broken_plugin.py").write_text('raise RuntimeError("half-installed package")\n')
+    d = make_berthd(env={"PYTHONPATH": str(site)})
+    d.start()
+    await d.wait_ready()
+    rows = json.loads(d.berth("--format", "json", "plugins", "ls", check=True).stdout)
+    broken = next(r for r in rows if r["id"] == "berth_broken_plugin")
+    assert broken["type"] == "berth.plugins" and broken["status"] == "error"
+    assert "half-installed package" in broken["error"]
+    assert any(r["id"] == "sqlite" and r["status"] == "ok" for r in rows)
