@@ -80,13 +80,23 @@ class BenchError(Exception):
     """A daemon could not be started or stopped answering; the message names which and why."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, unwound like Ctrl-C; the exit status is 128 + the signal's number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
 # -- daemons -------------------------------------------------------------------------------------------------
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before fork: the child only calls into it
 
 
 def _die_with_parent() -> None:
     """Runs in the child before exec: if the bench is killed outright, the daemon gets SIGTERM too."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 @dataclass
@@ -121,7 +131,7 @@ class Daemon:
     def exited(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
 
-    def log_tail(self, lines: int = 30) -> str:
+    def log_tail(self, lines: int = 15) -> str:
         try:
             text = self.log_path.read_text(errors="replace")
         except OSError:
@@ -223,7 +233,7 @@ async def wait_ready(d: Daemon, limit_s: float = READY_TIMEOUT) -> str:
     while time.monotonic() < deadline:
         rc = d.exited()
         if rc is not None:
-            raise BenchError(f"{d.name} exited with {rc} while starting:\n{d.log_tail()}")
+            raise BenchError(f"{d.name} exited with {rc} while starting")
         if os.path.exists(d.address):  # noqa: ASYNC240 - one stat per poll
             channel = channel_for(d)
             try:
@@ -234,7 +244,7 @@ async def wait_ready(d: Daemon, limit_s: float = READY_TIMEOUT) -> str:
             finally:
                 channel.close()
         await asyncio.sleep(0.02)
-    raise BenchError(f"{d.name} not serving at {d.address} after {limit_s}s ({last}):\n{d.log_tail()}")
+    raise BenchError(f"{d.name} not serving at {d.address} after {limit_s}s ({last})")
 
 
 # -- the client side -----------------------------------------------------------------------------------------
@@ -444,6 +454,7 @@ async def measure(daemons: list[Daemon], calls: int, budget_s: float, info: dict
         d.name: {"version": v, "pid": d.pid, "rss_idle_kib": d.rss_kib()}
         for d, v in zip(daemons, versions, strict=True)
     }
+    info["runs"] = {}
     targets = [Target(d) for d in daemons]
     try:
         for t in targets:
@@ -452,6 +463,16 @@ async def measure(daemons: list[Daemon], calls: int, budget_s: float, info: dict
         for phase in phases(calls):
             print(f"  {phase.title}: {phase.count} calls per daemon ...", file=sys.stderr)
             runs = await run_phase(phase, targets, budget_s, warmup_s=min(2.0, budget_s / 4))
+            info["runs"][phase.key] = {
+                name: {
+                    "calls": r.calls,
+                    "wall_s": round(r.wall_s, 4),
+                    "daemon_cpu_s": round(r.daemon_cpu_s, 3),
+                    "client_cpu_s": round(r.client_cpu_s, 3),
+                    "cut_by_budget": r.cut_by_budget,
+                }
+                for name, r in runs.items()
+            }
             b, c = runs["berth"], runs["containerd"]
             if phase.key == "version_x32":
                 metrics.append(Metric(f"{phase.title} latency", "us", latency_figure(b), latency_figure(c)))
@@ -480,6 +501,14 @@ async def measure(daemons: list[Daemon], calls: int, budget_s: float, info: dict
             t.channel.close()
 
 
+def _rounded(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return round(obj, 3)
+    if isinstance(obj, dict):
+        return {k: _rounded(v) for k, v in obj.items()}
+    return obj
+
+
 def machine() -> dict[str, Any]:
     try:
         ctd = subprocess.run(
@@ -493,6 +522,7 @@ def machine() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "containerd": ctd,
+        "cpu_tick_s": 1 / os.sysconf("SC_CLK_TCK"),  # resolution of the daemon CPU figures
     }
 
 
@@ -501,7 +531,7 @@ def terminate_as_interrupt() -> Iterator[None]:
     """SIGTERM to the bench unwinds like Ctrl-C, so the finally block still stops the daemons."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+        raise Terminated(signum)
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
@@ -540,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics = asyncio.run(measure(daemons, args.calls, args.budget, info))
             for d in daemons:
                 if d.exited() is not None:
-                    raise BenchError(f"{d.name} died during the run:\n{d.log_tail()}")
+                    raise BenchError(f"{d.name} died during the run")
             idle = {d.name: info["servers"][d.name]["rss_idle_kib"] / 1024 for d in daemons}
             after = {d.name: d.rss_kib() / 1024 for d in daemons}
             metrics.append(
@@ -550,9 +580,10 @@ def main(argv: list[str] | None = None) -> int:
                 Metric("RSS after run", "MiB", Figure(after["berth"]), Figure(after["containerd"]))
             )
             failed = False
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            failed = False  # not the daemons' fault: no logs
             print("interrupted; stopping the daemons", file=sys.stderr)
-            return 130
+            return 128 + (exc.signum if isinstance(exc, Terminated) else signal.SIGINT)
         except BenchError as exc:
             print(f"bench failed: {exc}", file=sys.stderr)
             return 1
@@ -567,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
 
     info["elapsed_s"] = round(time.monotonic() - started, 1)
     if args.json:
-        out = {**info, "metrics": [{**asdict(m), "ratio": m.ratio} for m in metrics]}
+        out = {**info, "metrics": [_rounded({**asdict(m), "ratio": m.ratio}) for m in metrics]}
         print(json.dumps(out, indent=2))
         return 0
     servers = info["servers"]
