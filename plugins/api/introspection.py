@@ -18,9 +18,10 @@ import betterproto.lib.google.protobuf as pb
 from grpclib.const import Status as Code
 
 from daemon import filters
-from daemon.errors import InvalidArgument, NotFound
+from daemon.errors import NotFound
 from daemon.hookspecs import hookimpl
 from daemon.registry import InitContext, PluginState, Registry, Status
+from daemon.validate import required
 from protos.containerd.services.introspection.v1 import (
     IntrospectionBase,
     Plugin,
@@ -125,8 +126,7 @@ class IntrospectionService(IntrospectionBase):
 
     async def plugin_info(self, plugin_info_request: PluginInfoRequest) -> PluginInfoResponse:
         req = plugin_info_request
-        if not req.type:
-            raise InvalidArgument("type: must not be empty")
+        required(req.type, "type")
         for st in self._ic.plugins():
             if st.registration.type == req.type and (not req.id or st.registration.id == req.id):
                 return PluginInfoResponse(plugin=to_plugin(st))

@@ -18,6 +18,7 @@ from daemon.metadata import Lease as StoredLease
 from daemon.metadata import LeaseResource, MetadataStore
 from daemon.registry import InitContext, Registry
 from daemon.server import request_namespace
+from daemon.validate import required
 from protos.containerd.services.leases.v1 import (
     AddResourceRequest,
     CreateRequest,
@@ -32,12 +33,6 @@ from protos.containerd.services.leases.v1 import (
     ListResponse,
     Resource,
 )
-
-
-def _need(value: str, field: str) -> str:
-    if not value:
-        raise InvalidArgument(f"{field}: must not be empty")
-    return value
 
 
 def _pb(lease: StoredLease) -> Lease:
@@ -61,7 +56,7 @@ def _adaptor(lease: Lease) -> filters.Adaptor:
 def _resource(res: Resource | None, field: str) -> LeaseResource:
     if res is None:
         raise InvalidArgument(f"{field}: must be set")
-    return LeaseResource(id=_need(res.id, f"{field}.id"), type=_need(res.type, f"{field}.type"))
+    return LeaseResource(id=required(res.id, f"{field}.id"), type=required(res.type, f"{field}.type"))
 
 
 class LeasesService(LeasesBase):
@@ -70,11 +65,11 @@ class LeasesService(LeasesBase):
 
     async def create(self, create_request: CreateRequest) -> CreateResponse:
         req = create_request
-        lease = await self.leases.create(request_namespace(), _need(req.id, "id"), dict(req.labels))
+        lease = await self.leases.create(request_namespace(), required(req.id, "id"), dict(req.labels))
         return CreateResponse(lease=_pb(lease))
 
     async def delete(self, delete_request: DeleteRequest) -> pb.Empty:
-        await self.leases.delete(request_namespace(), _need(delete_request.id, "id"))
+        await self.leases.delete(request_namespace(), required(delete_request.id, "id"))
         return pb.Empty()
 
     async def list(self, list_request: ListRequest) -> ListResponse:
@@ -85,18 +80,18 @@ class LeasesService(LeasesBase):
     async def add_resource(self, add_resource_request: AddResourceRequest) -> pb.Empty:
         req = add_resource_request
         res = _resource(req.resource, "resource")
-        await self.leases.add_resource(request_namespace(), _need(req.id, "id"), res)
+        await self.leases.add_resource(request_namespace(), required(req.id, "id"), res)
         return pb.Empty()
 
     async def delete_resource(self, delete_resource_request: DeleteResourceRequest) -> pb.Empty:
         req = delete_resource_request
         res = _resource(req.resource, "resource")
-        await self.leases.delete_resource(request_namespace(), _need(req.id, "id"), res)
+        await self.leases.delete_resource(request_namespace(), required(req.id, "id"), res)
         return pb.Empty()
 
     async def list_resources(self, list_resources_request: ListResourcesRequest) -> ListResourcesResponse:
         ns = request_namespace()
-        items = await self.leases.list_resources(ns, _need(list_resources_request.id, "id"))
+        items = await self.leases.list_resources(ns, required(list_resources_request.id, "id"))
         return ListResourcesResponse(resources=[Resource(id=r.id, type=r.type) for r in items])
 
 

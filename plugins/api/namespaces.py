@@ -16,6 +16,7 @@ from daemon.errors import InvalidArgument
 from daemon.events import EventBus
 from daemon.hookspecs import hookimpl
 from daemon.registry import InitContext, Registry
+from daemon.validate import required
 from protos.containerd.events import NamespaceCreate, NamespaceDelete, NamespaceUpdate
 from protos.containerd.services.namespaces.v1 import (
     CreateNamespaceRequest,
@@ -32,12 +33,6 @@ from protos.containerd.services.namespaces.v1 import (
 )
 
 
-def _need(value: str, field: str) -> str:
-    if not value:
-        raise InvalidArgument(f"{field}: must not be empty")
-    return value
-
-
 def _pb(ns: Any) -> Namespace:
     return Namespace(name=ns.name, labels=dict(ns.labels))
 
@@ -48,7 +43,7 @@ class NamespacesService(NamespacesBase):
         self.bus = bus
 
     async def get(self, get_namespace_request: GetNamespaceRequest) -> GetNamespaceResponse:
-        name = _need(get_namespace_request.name, "name")
+        name = required(get_namespace_request.name, "name")
         return GetNamespaceResponse(namespace=_pb(await self.store.namespaces.get(name)))
 
     async def list(self, list_namespaces_request: ListNamespacesRequest) -> ListNamespacesResponse:
@@ -56,14 +51,14 @@ class NamespacesService(NamespacesBase):
 
     async def create(self, create_namespace_request: CreateNamespaceRequest) -> CreateNamespaceResponse:
         req = create_namespace_request.namespace
-        name = _need(req.name if req else "", "namespace.name")
+        name = required(req.name if req else "", "namespace.name")
         ns = await self.store.namespaces.create(name, dict(req.labels))
         self.bus.publish("/namespaces/create", NamespaceCreate(name=ns.name, labels=dict(ns.labels)), ns.name)
         return CreateNamespaceResponse(namespace=_pb(ns))
 
     async def update(self, update_namespace_request: UpdateNamespaceRequest) -> UpdateNamespaceResponse:
         req = update_namespace_request
-        name = _need(req.namespace.name if req.namespace else "", "namespace.name")
+        name = required(req.namespace.name if req.namespace else "", "namespace.name")
         paths = list(req.update_mask.paths) if req.update_mask else []
         for path in paths:
             if path != "labels" and not path.startswith("labels."):
@@ -73,7 +68,7 @@ class NamespacesService(NamespacesBase):
         return UpdateNamespaceResponse(namespace=_pb(ns))
 
     async def delete(self, delete_namespace_request: DeleteNamespaceRequest) -> pb.Empty:
-        name = _need(delete_namespace_request.name, "name")
+        name = required(delete_namespace_request.name, "name")
         await self.store.namespaces.delete(name)
         self.bus.publish("/namespaces/delete", NamespaceDelete(name=name), name)
         return pb.Empty()
