@@ -8,7 +8,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 # containerd: its `ctr` is the real client our wire-compatibility tests run,
 # its shim and daemon are the yardstick for bench/. runc runs containers.
-DEB_PACKAGES := containerd runc iproute2 util-linux procps busybox-static
+# docker-registry (+ skopeo) is the real registry images are pulled from in tests;
+# busybox-static is what test images are built from.
+DEB_PACKAGES := containerd runc iproute2 util-linux procps busybox-static docker-registry skopeo
 STAMP := $(VENV)/.installed
 PY_DIRS := daemon plugins protos tests $(wildcard bench)
 

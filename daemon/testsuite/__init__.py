@@ -1,0 +1,1 @@
+"""Conformance suites any implementation of daemon.protocols can run."""

@@ -1,0 +1,1 @@
+"""(being written: see the plugin registration once it lands)."""
