@@ -26,7 +26,12 @@ from grpclib.server import Server, Stream
 from protos import generate
 from protos.containerd import events as ev
 from protos.containerd import types
+from protos.containerd.runc import v1 as runc
+from protos.containerd.services.containers import v1 as containers
+from protos.containerd.services.content import v1 as content
+from protos.containerd.services.diff import v1 as diff
 from protos.containerd.services.events.v1 import EventsBase, EventsStub, ForwardRequest, SubscribeRequest
+from protos.containerd.services.images import v1 as images
 from protos.containerd.services.images.v1 import ImageCreate
 from protos.containerd.services.introspection.v1 import (
     IntrospectionBase,
@@ -42,7 +47,11 @@ from protos.containerd.services.leases.v1 import (
     Resource,
 )
 from protos.containerd.services.namespaces.v1 import Namespace, NamespacesBase, UpdateNamespaceRequest
+from protos.containerd.services.snapshots import v1 as snapshots
+from protos.containerd.services.tasks import v1 as tasks
 from protos.containerd.services.version.v1 import VersionBase, VersionResponse, VersionStub
+from protos.containerd.task import v2 as shim
+from protos.containerd.v1 import types as task_types
 from protos.google.rpc import Status
 
 REPO = Path(__file__).resolve().parents[2]
@@ -118,6 +127,16 @@ def test_every_proto_compiles_into_its_path_package(descriptor_set: descriptor_p
         "containerd/services/leases/v1/leases.proto",
         "containerd/events/task.proto",
         "containerd/types/event.proto",
+        "containerd/types/metrics.proto",
+        "containerd/services/content/v1/content.proto",
+        "containerd/services/snapshots/v1/snapshots.proto",
+        "containerd/services/images/v1/images.proto",
+        "containerd/services/diff/v1/diff.proto",
+        "containerd/services/containers/v1/containers.proto",
+        "containerd/services/tasks/v1/tasks.proto",
+        "containerd/v1/types/task.proto",
+        "containerd/task/v2/shim.proto",
+        "containerd/runc/v1/oci.proto",
         "google/rpc/status.proto",
     } <= names
     for f in descriptor_set.file:
@@ -143,7 +162,7 @@ def test_generated_handlers_cover_every_rpc(descriptor_set: descriptor_pb2.FileD
             }
             assert {path: tuple(h.cardinality.value) for path, h in mapping.items()} == expected
             seen += 1
-    assert seen == 5
+    assert seen == 12
 
 
 # -- service paths --------------------------------------------------------------------------
@@ -182,6 +201,116 @@ def test_generated_handlers_cover_every_rpc(descriptor_set: descriptor_pb2.FileD
 )
 def test_service_paths_are_containerds(base: type[Any], paths: list[str]) -> None:
     assert sorted(base().__mapping__()) == sorted(paths)
+
+
+_U = grpclib.const.Cardinality.UNARY_UNARY
+_US = grpclib.const.Cardinality.UNARY_STREAM
+_SS = grpclib.const.Cardinality.STREAM_STREAM
+
+
+@pytest.mark.parametrize(
+    ("base", "service", "methods"),
+    [
+        (
+            content.ContentBase,
+            "containerd.services.content.v1.Content",
+            {
+                "Info": _U,
+                "Update": _U,
+                "List": _US,
+                "Delete": _U,
+                "Read": _US,
+                "Status": _U,
+                "ListStatuses": _U,
+                "Write": _SS,
+                "Abort": _U,
+            },
+        ),
+        (
+            snapshots.SnapshotsBase,
+            "containerd.services.snapshots.v1.Snapshots",
+            {
+                **dict.fromkeys(
+                    ("Prepare", "View", "Mounts", "Commit", "Remove", "Stat", "Update", "Usage", "Cleanup"),
+                    _U,
+                ),
+                "List": _US,
+            },
+        ),
+        (
+            images.ImagesBase,
+            "containerd.services.images.v1.Images",
+            dict.fromkeys(("Get", "List", "Create", "Update", "Delete"), _U),
+        ),
+        (diff.DiffBase, "containerd.services.diff.v1.Diff", {"Apply": _U, "Diff": _U}),
+        (
+            containers.ContainersBase,
+            "containerd.services.containers.v1.Containers",
+            {**dict.fromkeys(("Get", "List", "Create", "Update", "Delete"), _U), "ListStream": _US},
+        ),
+        (
+            tasks.TasksBase,
+            "containerd.services.tasks.v1.Tasks",
+            dict.fromkeys(
+                [
+                    "Create",
+                    "Start",
+                    "Delete",
+                    "DeleteProcess",
+                    "Get",
+                    "List",
+                    "Kill",
+                    "Exec",
+                    "ResizePty",
+                    "CloseIO",
+                    "Pause",
+                    "Resume",
+                    "ListPids",
+                    "Checkpoint",
+                    "Update",
+                    "Metrics",
+                    "Wait",
+                ],
+                _U,
+            ),
+        ),
+        (
+            shim.TaskBase,
+            "containerd.task.v2.Task",
+            dict.fromkeys(
+                [
+                    "Create",
+                    "Start",
+                    "Delete",
+                    "Pids",
+                    "Pause",
+                    "Resume",
+                    "Checkpoint",
+                    "Kill",
+                    "Exec",
+                    "ResizePty",
+                    "CloseIO",
+                    "Update",
+                    "Wait",
+                    "Stats",
+                    "Connect",
+                    "Shutdown",
+                    "State",
+                ],
+                _U,
+            ),
+        ),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_method_paths_and_cardinalities(
+    base: type[Any], service: str, methods: dict[str, grpclib.const.Cardinality]
+) -> None:
+    """Upstream's method names and streaming shapes, written out rather than read from our .proto."""
+    mapping = base().__mapping__()
+    assert {path: h.cardinality for path, h in mapping.items()} == {
+        f"/{service}/{name}": cardinality for name, cardinality in methods.items()
+    }
 
 
 class _LiteralVersion:
@@ -244,6 +373,36 @@ async def test_events_subscribe_streams_envelopes(unix_server: Any) -> None:
     finally:
         channel.close()
     assert got == ["/a", "/b"]
+
+
+class _EchoContent(content.ContentBase):  # type: ignore[misc]
+    """Answers each Write message as it arrives, so the test sees the stream interleave."""
+
+    async def write(
+        self, write_content_request_iterator: AsyncIterator[content.WriteContentRequest]
+    ) -> AsyncIterator[content.WriteContentResponse]:
+        offset = 0
+        async for request in write_content_request_iterator:
+            offset += len(request.data)
+            yield content.WriteContentResponse(action=request.action, offset=offset, total=request.total)
+
+
+async def test_content_write_is_a_bidi_stream(unix_server: Any) -> None:
+    channel = Channel(path=await unix_server(_EchoContent()))
+    requests = [
+        content.WriteContentRequest(action=content.WriteAction.STAT, ref="r", total=5),
+        content.WriteContentRequest(action=content.WriteAction.WRITE, data=b"hel"),
+        content.WriteContentRequest(action=content.WriteAction.COMMIT, data=b"lo", offset=3),
+    ]
+    try:
+        got = [(r.action, r.offset) async for r in content.ContentStub(channel).write(requests)]
+    finally:
+        channel.close()
+    assert got == [
+        (content.WriteAction.STAT, 0),
+        (content.WriteAction.WRITE, 3),
+        (content.WriteAction.COMMIT, 5),
+    ]
 
 
 # -- wire facts -----------------------------------------------------------------------------
@@ -404,6 +563,332 @@ def test_leases_field_numbers() -> None:
     assert add.resource == Resource(id="sha256:ab", type="content")
 
 
+def timestamp(seconds: int, nanos: int = 0) -> bytes:
+    """A google.protobuf.Timestamp payload."""
+    return vfield(1, seconds) + (vfield(2, nanos) if nanos else b"")
+
+
+MOUNT = lfield(1, "overlay") + lfield(2, "overlay") + lfield(4, "lowerdir=/l") + lfield(4, "upperdir=/u")
+PARSED_MOUNT = types.Mount(type="overlay", source="overlay", options=["lowerdir=/l", "upperdir=/u"])
+EPOCH_MINUTE = datetime(1970, 1, 1, 0, 1, tzinfo=UTC)
+
+
+def test_content_field_numbers() -> None:
+    wire = (
+        vfield(1, 2)  # action COMMIT
+        + lfield(2, "ref-1")
+        + vfield(3, 5)
+        + lfield(4, "sha256:2cf2")
+        + vfield(5, 3)
+        + lfield(6, b"lo")
+        + entry(7, "containerd.io/gc.ref.content", "sha256:aa")
+    )
+    request = content.WriteContentRequest().parse(wire)
+    assert request == content.WriteContentRequest(
+        action=content.WriteAction.COMMIT,
+        ref="ref-1",
+        total=5,
+        expected="sha256:2cf2",
+        offset=3,
+        data=b"lo",
+        labels={"containerd.io/gc.ref.content": "sha256:aa"},
+    )
+    assert bytes(request) == wire
+
+    response = content.WriteContentResponse().parse(
+        vfield(1, 0)  # STAT is the zero value: sent by old clients, parsed all the same
+        + lfield(2, timestamp(60))
+        + lfield(3, timestamp(60, 5000))
+        + vfield(4, 3)
+        + vfield(5, 5)
+        + lfield(6, "sha256:partial")
+    )
+    assert response.action is content.WriteAction.STAT
+    assert (response.started_at, response.offset, response.total, response.digest) == (
+        EPOCH_MINUTE,
+        3,
+        5,
+        "sha256:partial",
+    )
+    assert response.updated_at == datetime(1970, 1, 1, 0, 1, 0, 5, tzinfo=UTC)
+
+    info = content.Info().parse(
+        lfield(1, "sha256:aa") + vfield(2, 4096) + lfield(3, timestamp(60)) + entry(5, "a", "b")
+    )
+    assert (info.digest, info.size, info.created_at, info.labels) == (
+        "sha256:aa",
+        4096,
+        EPOCH_MINUTE,
+        {"a": "b"},
+    )
+    status = content.StatusResponse().parse(
+        lfield(1, lfield(3, "ref-1") + vfield(4, 7) + lfield(6, "sha256:x"))
+    )
+    assert (status.status.ref, status.status.offset, status.status.expected) == ("ref-1", 7, "sha256:x")
+    read = content.ReadContentRequest(digest="sha256:aa", offset=10, size=20)
+    assert bytes(read) == lfield(1, "sha256:aa") + vfield(2, 10) + vfield(3, 20)
+
+
+def test_snapshots_field_numbers() -> None:
+    wire = lfield(1, "overlayfs") + lfield(2, "extract-1") + lfield(3, "sha256:p") + entry(4, "k", "v")
+    prepare = snapshots.PrepareSnapshotRequest().parse(wire)
+    assert (prepare.snapshotter, prepare.key, prepare.parent, prepare.labels) == (
+        "overlayfs",
+        "extract-1",
+        "sha256:p",
+        {"k": "v"},
+    )
+    assert bytes(prepare) == wire
+    assert snapshots.PrepareSnapshotResponse().parse(lfield(1, MOUNT)).mounts == [PARSED_MOUNT]
+
+    # parent (5) is a 2.x addition; labels keep 4.
+    commit = snapshots.CommitSnapshotRequest(
+        snapshotter="s", name="n", key="k", labels={"a": "b"}, parent="p"
+    )
+    assert bytes(commit) == lfield(1, "s") + lfield(2, "n") + lfield(3, "k") + entry(4, "a", "b") + lfield(
+        5, "p"
+    )
+
+    info = snapshots.Info().parse(
+        lfield(1, "n") + lfield(2, "p") + vfield(3, 3) + lfield(4, timestamp(60)) + entry(6, "a", "b")
+    )
+    assert (info.kind, info.created_at, info.labels) == (snapshots.Kind.COMMITTED, EPOCH_MINUTE, {"a": "b"})
+    usage = snapshots.UsageResponse().parse(vfield(1, 8192) + vfield(2, 12))
+    assert (usage.size, usage.inodes) == (8192, 12)
+    listed = snapshots.ListSnapshotsRequest().parse(lfield(1, "native") + lfield(2, "kind==committed"))
+    assert listed.filters == ["kind==committed"]
+
+
+def test_image_field_numbers() -> None:
+    target = lfield(1, "application/vnd.oci.image.index.v1+json") + lfield(2, "sha256:ix") + vfield(3, 1234)
+    wire = (
+        lfield(1, "docker.io/library/busybox:latest")
+        + entry(2, "io.cri-containerd.image", "managed")
+        + lfield(3, target)
+        + lfield(7, timestamp(60))
+        + lfield(8, timestamp(120))
+    )
+    image = images.Image().parse(wire)
+    assert image.name == "docker.io/library/busybox:latest"
+    assert image.labels == {"io.cri-containerd.image": "managed"}
+    assert image.target == types.Descriptor(
+        media_type="application/vnd.oci.image.index.v1+json", digest="sha256:ix", size=1234
+    )
+    assert (image.created_at, image.updated_at) == (EPOCH_MINUTE, datetime(1970, 1, 1, 0, 2, tzinfo=UTC))
+    assert bytes(image) == wire
+    assert images.ListImagesResponse().parse(lfield(1, wire)).images == [image]
+
+    created = images.CreateImageRequest().parse(lfield(1, lfield(1, "x")) + lfield(2, timestamp(60)))
+    assert created.source_date_epoch == EPOCH_MINUTE
+    # target is proto3 optional: absent and empty are different requests.
+    assert bytes(images.DeleteImageRequest(name="x", sync=True)) == lfield(1, "x") + vfield(2, 1)
+    assert bytes(images.DeleteImageRequest(name="x", target=types.Descriptor())) == lfield(1, "x") + lfield(
+        3, b""
+    )
+    assert images.DeleteImageRequest().parse(lfield(1, "x")).target is None
+    assert images.DeleteImageRequest().parse(lfield(3, b"")).target == types.Descriptor()
+
+
+def test_diff_field_numbers() -> None:
+    apply = diff.ApplyRequest().parse(
+        lfield(1, lfield(2, "sha256:layer"))
+        + lfield(2, MOUNT)
+        + lfield(3, lfield(1, "tar") + lfield(2, lfield(1, "type/x") + lfield(2, b"\x01")))
+        + vfield(4, 1)
+    )
+    assert apply.diff.digest == "sha256:layer"
+    assert apply.mounts == [PARSED_MOUNT]
+    assert apply.payloads == {"tar": wkt.Any(type_url="type/x", value=b"\x01")}
+    assert apply.sync_fs is True
+    # Upstream numbers DiffResponse.diff 3.
+    assert bytes(diff.DiffResponse(diff=types.Descriptor(digest="d"))) == lfield(3, lfield(2, "d"))
+    request = diff.DiffRequest().parse(
+        lfield(1, MOUNT) + lfield(2, MOUNT) + lfield(3, "m") + lfield(4, "r") + entry(5, "a", "b")
+    )
+    assert (request.left, request.right, request.media_type, request.ref) == (
+        [PARSED_MOUNT],
+        [PARSED_MOUNT],
+        "m",
+        "r",
+    )
+
+
+def test_container_field_numbers() -> None:
+    spec = lfield(1, "types.containerd.io/opencontainers/runtime-spec/1/Spec") + lfield(2, b"{}")
+    wire = (
+        lfield(1, "c1")
+        + entry(2, "io.kubernetes.pod.name", "p")
+        + lfield(3, "docker.io/library/busybox:latest")
+        + lfield(4, lfield(1, "io.containerd.runc.v2") + lfield(2, lfield(1, "containerd.runc.v1.Options")))
+        + lfield(5, spec)
+        + lfield(6, "overlayfs")
+        + lfield(7, "c1-snapshot")
+        + lfield(8, timestamp(60))
+        + lfield(9, timestamp(60))
+        + lfield(10, lfield(1, "ext") + lfield(2, lfield(1, "type/ext")))
+        + lfield(11, "sandbox-1")
+    )
+    container = containers.Container().parse(wire)
+    assert container.runtime == containers.ContainerRuntime(
+        name="io.containerd.runc.v2", options=wkt.Any(type_url="containerd.runc.v1.Options")
+    )
+    assert container.spec == wkt.Any(
+        type_url="types.containerd.io/opencontainers/runtime-spec/1/Spec", value=b"{}"
+    )
+    assert (container.snapshotter, container.snapshot_key, container.sandbox) == (
+        "overlayfs",
+        "c1-snapshot",
+        "sandbox-1",
+    )
+    assert container.extensions == {"ext": wkt.Any(type_url="type/ext")}
+    assert container.created_at == container.updated_at == EPOCH_MINUTE
+    assert bytes(container) == wire
+    assert containers.ListContainerMessage().parse(lfield(1, wire)).container == container
+    listed = containers.ListContainersRequest().parse(lfield(1, "labels.a==b") + lfield(1, "image~=busybox"))
+    assert listed.filters == ["labels.a==b", "image~=busybox"]
+
+
+def test_tasks_field_numbers() -> None:
+    checkpoint = lfield(1, "application/vnd.containerd.container.criu.checkpoint.criu.tar") + lfield(
+        2, "sha256:c"
+    )
+    wire = (
+        lfield(1, "c1")
+        + lfield(3, MOUNT)
+        + lfield(4, "/run/fifo/in")
+        + lfield(5, "/run/fifo/out")
+        + lfield(6, "binary:///log")
+        + vfield(7, 1)
+        + lfield(8, checkpoint)
+        + lfield(9, lfield(1, "containerd.runc.v1.Options") + lfield(2, vfield(9, 1)))
+        + lfield(10, "/usr/bin/containerd-shim-runc-v2")
+    )
+    create = tasks.CreateTaskRequest().parse(wire)
+    assert create.rootfs == [PARSED_MOUNT]
+    assert (create.stdin, create.stdout, create.stderr, create.terminal) == (
+        "/run/fifo/in",
+        "/run/fifo/out",
+        "binary:///log",
+        True,
+    )
+    assert create.checkpoint.digest == "sha256:c"
+    assert runc.Options().parse(create.options.value) == runc.Options(systemd_cgroup=True)
+    assert create.runtime_path == "/usr/bin/containerd-shim-runc-v2"
+    assert bytes(create) == wire
+
+    process = (
+        lfield(1, "c1")
+        + lfield(2, "exec-1")
+        + vfield(3, 4242)
+        + vfield(4, 3)
+        + lfield(5, "i")
+        + lfield(6, "o")
+        + lfield(7, "e")
+        + vfield(8, 1)
+        + vfield(9, 137)
+        + lfield(10, timestamp(60))
+    )
+    got = tasks.GetResponse().parse(lfield(1, process)).process
+    assert got == task_types.Process(
+        container_id="c1",
+        id="exec-1",
+        pid=4242,
+        status=task_types.Status.STOPPED,
+        stdin="i",
+        stdout="o",
+        stderr="e",
+        terminal=True,
+        exit_status=137,
+        exited_at=EPOCH_MINUTE,
+    )
+    pids = tasks.ListPidsResponse().parse(
+        lfield(1, vfield(1, 7) + lfield(2, lfield(1, "containerd.runc.v1.ProcessDetails")))
+    )
+    assert pids.processes[0].pid == 7
+    metric = tasks.MetricsResponse().parse(
+        lfield(1, lfield(1, timestamp(60)) + lfield(2, "c1") + lfield(3, lfield(1, "t")))
+    )
+    assert metric.metrics == [types.Metric(timestamp=EPOCH_MINUTE, id="c1", data=wkt.Any(type_url="t"))]
+    exec_request = tasks.ExecProcessRequest(
+        container_id="c1", terminal=True, spec=wkt.Any(type_url="s"), exec_id="e"
+    )
+    assert bytes(exec_request) == lfield(1, "c1") + vfield(5, 1) + lfield(6, lfield(1, "s")) + lfield(7, "e")
+    deleted = tasks.DeleteResponse().parse(
+        lfield(1, "c1") + vfield(2, 7) + vfield(3, 1) + lfield(4, timestamp(60))
+    )
+    assert (deleted.id, deleted.pid, deleted.exit_status, deleted.exited_at) == ("c1", 7, 1, EPOCH_MINUTE)
+
+
+def test_shim_field_numbers() -> None:
+    # Not the tasks.v1 layout: terminal moves to 4, checkpoint is a path string, options is 10.
+    wire = (
+        lfield(1, "c1")
+        + lfield(2, "/run/berth/bundles/default/c1")
+        + lfield(3, MOUNT)
+        + vfield(4, 1)
+        + lfield(5, "in")
+        + lfield(6, "out")
+        + lfield(7, "err")
+        + lfield(8, "/ckpt")
+        + lfield(9, "/parent")
+        + lfield(10, lfield(1, "containerd.runc.v1.Options"))
+    )
+    create = shim.CreateTaskRequest().parse(wire)
+    assert create == shim.CreateTaskRequest(
+        id="c1",
+        bundle="/run/berth/bundles/default/c1",
+        rootfs=[PARSED_MOUNT],
+        terminal=True,
+        stdin="in",
+        stdout="out",
+        stderr="err",
+        checkpoint="/ckpt",
+        parent_checkpoint="/parent",
+        options=wkt.Any(type_url="containerd.runc.v1.Options"),
+    )
+    assert bytes(create) == wire
+
+    state_wire = (
+        lfield(1, "c1")
+        + lfield(2, "/b")
+        + vfield(3, 4242)
+        + vfield(4, 2)
+        + lfield(5, "in")
+        + lfield(6, "out")
+        + lfield(7, "err")
+        + vfield(8, 1)
+        + vfield(9, 0)
+        + lfield(10, timestamp(60))
+        + lfield(11, "exec-1")
+    )
+    state = shim.StateResponse().parse(state_wire)
+    assert (state.id, state.bundle, state.pid, state.status) == ("c1", "/b", 4242, task_types.Status.RUNNING)
+    assert (state.stdin, state.stdout, state.stderr, state.terminal) == ("in", "out", "err", True)
+    assert (state.exit_status, state.exited_at, state.exec_id) == (0, EPOCH_MINUTE, "exec-1")
+    # A zero exit_status is the default and is not re-sent.
+    assert bytes(state) == state_wire.replace(vfield(9, 0), b"")
+
+    connect = shim.ConnectResponse().parse(vfield(1, 100) + vfield(2, 4242) + lfield(3, "v2"))
+    assert (connect.shim_pid, connect.task_pid, connect.version) == (100, 4242, "v2")
+    assert bytes(shim.ShutdownRequest(id="c1", now=True)) == lfield(1, "c1") + vfield(2, 1)
+    assert bytes(shim.CheckpointTaskRequest(id="c1", path="/p")) == lfield(1, "c1") + lfield(2, "/p")
+    waited = shim.WaitResponse().parse(vfield(1, 9) + lfield(2, timestamp(60)))
+    assert (waited.exit_status, waited.exited_at) == (9, EPOCH_MINUTE)
+
+
+def test_runc_options_field_numbers() -> None:
+    options = runc.Options(binary_name="runc", root="/run/runc", systemd_cgroup=True, task_api_version=3)
+    assert bytes(options) == lfield(6, "runc") + lfield(7, "/run/runc") + vfield(9, 1) + vfield(13, 3)
+    # 1.x sent criu_path as field 8; 2.x reserves it, and it must not disturb the rest.
+    old = runc.Options().parse(lfield(8, "/usr/sbin/criu") + vfield(9, 1) + lfield(10, "/img"))
+    assert (old.systemd_cgroup, old.criu_image_path) == (True, "/img")
+    checkpoint = runc.CheckpointOptions(
+        exit=True, empty_namespaces=["network"], cgroups_mode="soft", work_path="/w"
+    )
+    assert bytes(checkpoint) == vfield(1, 1) + lfield(6, "network") + lfield(7, "soft") + lfield(9, "/w")
+    assert runc.ProcessDetails().parse(lfield(1, "exec-1")).exec_id == "exec-1"
+
+
 @pytest.mark.parametrize(
     "message",
     [
@@ -431,6 +916,33 @@ def test_leases_field_numbers() -> None:
             system=[types.Mount(source="/dev/sda1")],
         ),
         ev.TaskExecStarted(container_id="c", exec_id="e", pid=2**32 - 1),
+        content.WriteContentResponse(
+            action=content.WriteAction.COMMIT,
+            started_at=datetime(2024, 1, 2, tzinfo=UTC),
+            updated_at=datetime(2024, 1, 2, 0, 0, 1, tzinfo=UTC),
+            offset=2**40,
+            total=2**40,
+            digest="sha256:ff",
+        ),
+        snapshots.ListSnapshotsResponse(
+            info=[
+                snapshots.Info(name="a", kind=snapshots.Kind.ACTIVE),
+                snapshots.Info(name="b", labels={"x": "y"}),
+            ]
+        ),
+        images.UpdateImageRequest(
+            image=images.Image(name="n", target=types.Descriptor(digest="d", size=1, annotations={"a": "b"})),
+            update_mask=wkt.FieldMask(paths=["labels", "target"]),
+        ),
+        containers.UpdateContainerRequest(
+            container=containers.Container(id="c", extensions={"a": wkt.Any(type_url="t", value=b"v")}),
+            update_mask=wkt.FieldMask(paths=["extensions.a"]),
+        ),
+        tasks.ListTasksResponse(
+            tasks=[task_types.Process(container_id="c", status=task_types.Status.PAUSING)]
+        ),
+        shim.PidsResponse(processes=[task_types.ProcessInfo(pid=1), task_types.ProcessInfo(pid=2)]),
+        shim.UpdateTaskRequest(id="c", resources=wkt.Any(type_url="r"), annotations={"a": "b"}),
     ],
     ids=lambda m: type(m).__name__,
 )
@@ -441,9 +953,30 @@ def test_round_trip(message: betterproto.Message) -> None:
 # -- generate.py ----------------------------------------------------------------------------
 
 
-def _copy_tree(tmp_path: Path) -> Path:
+# The generate.py tests work on a few sources with no containerd imports, so that their
+# generated modules are byte-identical to the real tree's and each generation stays quick.
+SMALL_TREE = (
+    "containerd/services/leases/v1/leases.proto",
+    "containerd/services/version/v1/version.proto",
+    "containerd/runc/v1/oci.proto",
+    "containerd/types/platform.proto",
+    "google/rpc/status.proto",
+)
+
+
+@pytest.fixture(scope="module")
+def small_tree_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("template") / "protos"
+    for rel in SMALL_TREE:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(PROTOS / rel, root / rel)
+    generate.write(root)
+    return root
+
+
+def _copy_tree(template: Path, tmp_path: Path) -> Path:
     root = tmp_path / "protos"
-    shutil.copytree(PROTOS, root, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(template, root, ignore=shutil.ignore_patterns("__pycache__"))
     return root
 
 
@@ -459,8 +992,10 @@ def test_check_passes_on_the_tree() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_check_flags_an_edited_proto_and_generate_repairs_it(tmp_path: Path) -> None:
-    root = _copy_tree(tmp_path)
+def test_check_flags_an_edited_proto_and_generate_repairs_it(
+    small_tree_template: Path, tmp_path: Path
+) -> None:
+    root = _copy_tree(small_tree_template, tmp_path)
     proto = root / "containerd/services/leases/v1/leases.proto"
     proto.write_text(
         proto.read_text().replace(
@@ -482,34 +1017,38 @@ def test_check_flags_an_edited_proto_and_generate_repairs_it(tmp_path: Path) -> 
     assert "note" not in (PROTOS / "containerd/services/leases/v1/leases.proto").read_text()
 
 
-def test_generate_restores_missing_and_removes_orphaned_modules(tmp_path: Path) -> None:
-    root = _copy_tree(tmp_path)
+def test_generate_restores_missing_and_removes_orphaned_modules(
+    small_tree_template: Path, tmp_path: Path
+) -> None:
+    root = _copy_tree(small_tree_template, tmp_path)
     (root / "containerd/services/version/v1/__init__.py").unlink()
-    (root / "containerd/services/images/v1/image.proto").unlink()
-    handwritten = root / "containerd/services/images/notes.py"
+    (root / "containerd/runc/v1/oci.proto").unlink()
+    handwritten = root / "containerd/runc/notes.py"
     handwritten.write_text("NOTE = 1\n")
 
     drift = generate.check(root)
     assert drift.missing == ["containerd/services/version/v1/__init__.py"]
     assert drift.extra == [
-        "containerd/services/images/__init__.py",
-        "containerd/services/images/v1/__init__.py",
+        "containerd/runc/__init__.py",
+        "containerd/runc/v1/__init__.py",
     ]
-    # The type-URL table loses the image messages.
+    # The type-URL table loses the runc messages.
     assert drift.stale == ["typeurls/__init__.py"]
 
     generate.write(root)
-    assert b"ImageCreate" not in (root / "typeurls/__init__.py").read_bytes()
+    assert b"containerd.runc.v1" not in (root / "typeurls/__init__.py").read_bytes()
     assert (root / "containerd/services/version/v1/__init__.py").read_bytes() == (
         PROTOS / "containerd/services/version/v1/__init__.py"
     ).read_bytes()
-    assert not (root / "containerd/services/images/v1").exists()
+    assert not (root / "containerd/runc/v1").exists()
     assert handwritten.read_text() == "NOTE = 1\n"
     assert (root / "__init__.py").exists()
 
 
-def test_generate_reports_protoc_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    root = _copy_tree(tmp_path)
+def test_generate_reports_protoc_errors(
+    small_tree_template: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _copy_tree(small_tree_template, tmp_path)
     (root / "containerd/types/platform.proto").write_text(
         'syntax = "proto3";\npackage containerd.types;\nmessage {\n'
     )
