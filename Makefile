@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 # its shim and daemon are the yardstick for bench/. runc runs containers.
 # docker-registry (+ skopeo) is the real registry images are pulled from in tests;
 # busybox-static is what test images are built from.
-DEB_PACKAGES := containerd runc iproute2 util-linux procps busybox-static docker-registry skopeo
+DEB_PACKAGES := containerd runc iproute2 util-linux procps busybox-static docker-registry skopeo openssl
 STAMP := $(VENV)/.installed
 PY_DIRS := daemon plugins protos tests $(wildcard bench)
 
