@@ -1,0 +1,1 @@
+"""Conformance suites of daemon.testsuite run against the built-in plugins."""
