@@ -1,8 +1,11 @@
 """berth's metadata store: SQLite, one file under the plugin root.
 
 Everything berth records about objects lives here, scoped by namespace as in
-containerd's metadata package: namespaces and leases now; images,
-containers, content labels and snapshots as later schema versions add them.
+containerd's metadata package: namespaces, leases, images
+(:mod:`~daemon.metadata.images`), content records over a namespace-agnostic
+content store (:mod:`~daemon.metadata.content`), snapshot records over
+snapshotter backends (:mod:`~daemon.metadata.snapshots`), and the garbage
+collector that removes what nothing references (:mod:`~daemon.metadata.gc`).
 
 Using it::
 
@@ -26,15 +29,25 @@ Using it::
 * Input rules (identifiers, labels, digests): :mod:`daemon.metadata.validate`.
 """
 
+from daemon.metadata.content import ContentView, NamespacedContent
+from daemon.metadata.gc import DEFAULT_ROOTS, GCScheduler, GCSummary, Node, RootProvider, SweepLock, collect
+from daemon.metadata.images import Image, ImageStore
 from daemon.metadata.leases import Lease, LeaseResource, LeaseStore
 from daemon.metadata.namespaces import Namespace, NamespaceStore
 from daemon.metadata.schema import LATEST_VERSION, MIGRATIONS, NAMESPACED_TABLES, Migration
+from daemon.metadata.snapshots import NamespacedSnapshotter, SnapshotterView
 from daemon.metadata.store import MetadataStore
 
 __all__ = [
+    "DEFAULT_ROOTS",
     "LATEST_VERSION",
     "MIGRATIONS",
     "NAMESPACED_TABLES",
+    "ContentView",
+    "GCScheduler",
+    "GCSummary",
+    "Image",
+    "ImageStore",
     "Lease",
     "LeaseResource",
     "LeaseStore",
@@ -42,4 +55,11 @@ __all__ = [
     "Migration",
     "Namespace",
     "NamespaceStore",
+    "NamespacedContent",
+    "NamespacedSnapshotter",
+    "Node",
+    "RootProvider",
+    "SnapshotterView",
+    "SweepLock",
+    "collect",
 ]

@@ -105,12 +105,100 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX lease_resources_by_resource ON lease_resources (namespace, type, id)",
         ),
     ),
+    Migration(
+        3,
+        "images, content, ingests, snapshots",
+        (
+            # An image names a target descriptor; everything else it needs is
+            # reached from the target through gc.ref labels on content.
+            """
+            CREATE TABLE images (
+                namespace TEXT NOT NULL REFERENCES namespaces (name) ON DELETE RESTRICT,
+                name TEXT NOT NULL,
+                target_media_type TEXT NOT NULL,
+                target_digest TEXT NOT NULL,
+                target_size INTEGER NOT NULL,
+                target_annotations TEXT NOT NULL DEFAULT '{}',
+                labels TEXT NOT NULL DEFAULT '{}',
+                created_at INTEGER NOT NULL,
+                updated_at INTEGER NOT NULL,
+                PRIMARY KEY (namespace, name)
+            ) WITHOUT ROWID
+            """,
+            # Which namespace holds which blob, with its labels; the blob itself
+            # lives once in the (namespace-agnostic) content store.
+            """
+            CREATE TABLE content (
+                namespace TEXT NOT NULL REFERENCES namespaces (name) ON DELETE RESTRICT,
+                digest TEXT NOT NULL,
+                size INTEGER NOT NULL,
+                labels TEXT NOT NULL DEFAULT '{}',
+                created_at INTEGER NOT NULL,
+                updated_at INTEGER NOT NULL,
+                PRIMARY KEY (namespace, digest)
+            ) WITHOUT ROWID
+            """,
+            # Garbage collection asks "does any namespace still hold this blob?".
+            "CREATE INDEX content_by_digest ON content (digest)",
+            # Writes in progress: the namespace's ref -> the backend's ref.
+            # ``expected`` is set when the blob is shared from the backend (no
+            # bytes to write); ``expires_at`` (ns) only for ingests without a lease.
+            """
+            CREATE TABLE ingests (
+                namespace TEXT NOT NULL REFERENCES namespaces (name) ON DELETE RESTRICT,
+                ref TEXT NOT NULL,
+                backend_ref TEXT NOT NULL UNIQUE,
+                expected TEXT NOT NULL DEFAULT '',
+                size INTEGER NOT NULL DEFAULT 0,
+                expires_at INTEGER,
+                created_at INTEGER NOT NULL,
+                PRIMARY KEY (namespace, ref)
+            ) WITHOUT ROWID
+            """,
+            # Snapshots per (namespace, snapshotter); ``backend_key`` is the key
+            # the snapshotter knows. ``parent`` is NULL for a base snapshot; the
+            # self reference makes a parent with children undeletable (checked
+            # at commit, so one transaction may remove a whole chain in any order).
+            """
+            CREATE TABLE snapshots (
+                namespace TEXT NOT NULL REFERENCES namespaces (name) ON DELETE RESTRICT,
+                snapshotter TEXT NOT NULL,
+                key TEXT NOT NULL,
+                backend_key TEXT NOT NULL,
+                parent TEXT,
+                kind INTEGER NOT NULL,
+                labels TEXT NOT NULL DEFAULT '{}',
+                created_at INTEGER NOT NULL,
+                updated_at INTEGER NOT NULL,
+                PRIMARY KEY (namespace, snapshotter, key),
+                UNIQUE (snapshotter, backend_key),
+                FOREIGN KEY (namespace, snapshotter, parent)
+                    REFERENCES snapshots (namespace, snapshotter, key) DEFERRABLE INITIALLY DEFERRED
+            ) WITHOUT ROWID
+            """,
+            "CREATE INDEX snapshots_by_parent ON snapshots (namespace, snapshotter, parent)",
+            # Monotonic counters for backend keys and refs: a number is never
+            # reused, so a backend object left by a crash never collides with a new one.
+            """
+            CREATE TABLE sequences (
+                name TEXT NOT NULL PRIMARY KEY,
+                value INTEGER NOT NULL
+            ) WITHOUT ROWID
+            """,
+        ),
+    ),
 )
 
 #: Every table whose rows belong to a namespace, with the noun used in the
 #: "must be empty, but it still has ..." error. Child tables that hang off
 #: one of these (lease_resources) are covered through their parent.
-NAMESPACED_TABLES: tuple[tuple[str, str], ...] = (("leases", "leases"),)
+NAMESPACED_TABLES: tuple[tuple[str, str], ...] = (
+    ("leases", "leases"),
+    ("images", "images"),
+    ("content", "content"),
+    ("ingests", "ingests"),
+    ("snapshots", "snapshots"),
+)
 
 LATEST_VERSION = len(MIGRATIONS)
 
