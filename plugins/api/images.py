@@ -1,0 +1,1 @@
+"""(being written: the containerd.services.images.v1 service plugin lands here)."""
