@@ -3,6 +3,15 @@
 """Python class path -> protobuf full name, for ``Any`` type URLs."""
 
 PROTO_NAMES: dict[str, str] = {
+    "protos.berth.services.images.v1.Auth": "berth.services.images.v1.Auth",
+    "protos.berth.services.images.v1.ExportChunk": "berth.services.images.v1.ExportChunk",
+    "protos.berth.services.images.v1.ExportRequest": "berth.services.images.v1.ExportRequest",
+    "protos.berth.services.images.v1.ImportChunk": "berth.services.images.v1.ImportChunk",
+    "protos.berth.services.images.v1.ImportResponse": "berth.services.images.v1.ImportResponse",
+    "protos.berth.services.images.v1.LayerProgress": "berth.services.images.v1.LayerProgress",
+    "protos.berth.services.images.v1.PullProgress": "berth.services.images.v1.PullProgress",
+    "protos.berth.services.images.v1.PullRequest": "berth.services.images.v1.PullRequest",
+    "protos.berth.services.images.v1.StoredImage": "berth.services.images.v1.StoredImage",
     "protos.containerd.events.ContainerCreate": "containerd.events.ContainerCreate",
     "protos.containerd.events.ContainerCreateRuntime": "containerd.events.ContainerCreate.Runtime",
     "protos.containerd.events.ContainerDelete": "containerd.events.ContainerDelete",

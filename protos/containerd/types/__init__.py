@@ -15,6 +15,21 @@ import betterproto.lib.google.protobuf as betterproto_lib_google_protobuf
 
 
 @dataclass(eq=False, repr=False)
+class Descriptor(betterproto.Message):
+    """
+    Descriptor points at a blob in the content store, as an OCI descriptor does.
+    """
+
+    media_type: str = betterproto.string_field(1)
+    digest: str = betterproto.string_field(2)
+    size: int = betterproto.int64_field(3)
+    annotations: Dict[str, str] = betterproto.map_field(
+        5, betterproto.TYPE_STRING, betterproto.TYPE_STRING
+    )
+    """Field 4 is unused upstream; annotations keep number 5."""
+
+
+@dataclass(eq=False, repr=False)
 class Mount(betterproto.Message):
     """
     Mount is one mount(2) call: what (source, type), where (target) and how (options).
@@ -50,21 +65,6 @@ class ActivationInfo(betterproto.Message):
     labels: Dict[str, str] = betterproto.map_field(
         4, betterproto.TYPE_STRING, betterproto.TYPE_STRING
     )
-
-
-@dataclass(eq=False, repr=False)
-class Descriptor(betterproto.Message):
-    """
-    Descriptor points at a blob in the content store, as an OCI descriptor does.
-    """
-
-    media_type: str = betterproto.string_field(1)
-    digest: str = betterproto.string_field(2)
-    size: int = betterproto.int64_field(3)
-    annotations: Dict[str, str] = betterproto.map_field(
-        5, betterproto.TYPE_STRING, betterproto.TYPE_STRING
-    )
-    """Field 4 is unused upstream; annotations keep number 5."""
 
 
 @dataclass(eq=False, repr=False)
