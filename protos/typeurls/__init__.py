@@ -3,6 +3,8 @@
 """Python class path -> protobuf full name, for ``Any`` type URLs."""
 
 PROTO_NAMES: dict[str, str] = {
+    "protos.berth.services.gc.v1.CollectRequest": "berth.services.gc.v1.CollectRequest",
+    "protos.berth.services.gc.v1.CollectResponse": "berth.services.gc.v1.CollectResponse",
     "protos.berth.services.images.v1.Auth": "berth.services.images.v1.Auth",
     "protos.berth.services.images.v1.ExportChunk": "berth.services.images.v1.ExportChunk",
     "protos.berth.services.images.v1.ExportRequest": "berth.services.images.v1.ExportRequest",
