@@ -29,7 +29,6 @@ and ``mysnap/plugin.py`` holds::
             type="berth.snapshotter.v1",
             id="mysnap",
             config=MySnapConfig,
-            requires=["berth.metadata.v1"],
             init=init,
         )
 

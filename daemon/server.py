@@ -36,6 +36,7 @@ from daemon.metrics import MetricsRegistry
 log = structlog.get_logger("berth.server")
 
 NAMESPACE_HEADER = "containerd-namespace"
+LEASE_HEADER = "containerd-lease"
 _metadata: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar(
     "berth_grpc_metadata", default=None
 )
@@ -60,6 +61,19 @@ def request_namespace(default: str | None = None) -> str:
     if default is not None:
         return default
     raise FailedPrecondition("namespace is required: set the containerd-namespace header (berth -n NAME)")
+
+
+def request_lease() -> str:
+    """The lease a containerd-style client works under (``containerd-lease`` header); "" if none.
+
+    Objects the call creates (content, snapshots) are added to that lease;
+    a lease that does not exist in the request's namespace makes the call
+    fail with NotFound, as in containerd.
+    """
+    value = request_metadata().get(LEASE_HEADER)
+    if isinstance(value, bytes):
+        value = value.decode()
+    return str(value) if value else ""
 
 
 class _Instrumented:

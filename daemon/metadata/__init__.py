@@ -7,7 +7,11 @@ content store (:mod:`~daemon.metadata.content`), snapshot records over
 snapshotter backends (:mod:`~daemon.metadata.snapshots`), and the garbage
 collector that removes what nothing references (:mod:`~daemon.metadata.gc`).
 
-Using it::
+Services hold a :class:`~daemon.metadata.db.MetadataDB` (what the
+``berth.metadata.v1`` plugin returns): the store below with content and
+snapshotters wrapped by namespace and the garbage collector wired in.
+
+Using the store itself::
 
     store = await MetadataStore.open(root / "meta.db")
     await store.namespaces.create("k8s.io", {"owner": "kubelet"})
@@ -30,6 +34,7 @@ Using it::
 """
 
 from daemon.metadata.content import ContentView, NamespacedContent
+from daemon.metadata.db import MetadataDB
 from daemon.metadata.gc import DEFAULT_ROOTS, GCScheduler, GCSummary, Node, RootProvider, SweepLock, collect
 from daemon.metadata.images import Image, ImageStore
 from daemon.metadata.leases import Lease, LeaseResource, LeaseStore
@@ -51,6 +56,7 @@ __all__ = [
     "Lease",
     "LeaseResource",
     "LeaseStore",
+    "MetadataDB",
     "MetadataStore",
     "Migration",
     "Namespace",

@@ -29,8 +29,8 @@ from daemon.metadata.validate import (
     quote,
     require_namespace,
     validate_digest,
-    validate_identifier,
     validate_labels,
+    validate_lease_id,
 )
 
 if TYPE_CHECKING:
@@ -122,7 +122,7 @@ class LeaseStore:
         labels: Mapping[str, str] | None = None,
     ) -> Lease:
         require_namespace(namespace)
-        validate_identifier("lease", id)
+        validate_lease_id(id)
         clean = validate_labels(f"lease {quote(id)}", labels or {})
         self._namespaces.ensure(conn, namespace)
         now = now_ns()

@@ -55,6 +55,31 @@ def validate_identifier(field: str, value: object) -> str:
     return value
 
 
+#: Longest lease id accepted (containerd sets none; bolt keys are bounded by page size).
+LEASE_ID_MAX_LENGTH = 256
+
+
+def validate_lease_id(value: object) -> str:
+    """Lease ids are NOT identifiers: containerd accepts any non-empty id.
+
+    Its client names leases ``<nanoseconds>-<base64url>`` (``leases.WithRandomID``),
+    e.g. ``486088630-8__0``, which the identifier rule would refuse one time in
+    ten. berth refuses only what cannot be a sane key: empty, over
+    :data:`LEASE_ID_MAX_LENGTH` characters, whitespace or control characters.
+    """
+    if not isinstance(value, str):
+        raise InvalidArgument(f"lease: invalid: must be a string, not {type(value).__name__}")
+    if not value:
+        raise InvalidArgument("lease: invalid: must not be empty")
+    if len(value) > LEASE_ID_MAX_LENGTH:
+        raise InvalidArgument(
+            f"lease {quote(value)}: invalid: greater than maximum length ({LEASE_ID_MAX_LENGTH} characters)"
+        )
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise InvalidArgument(f"lease {quote(value)}: invalid: whitespace or control characters")
+    return value
+
+
 def require_namespace(namespace: object) -> str:
     """The namespace of a namespace-scoped call: required, then a valid identifier.
 

@@ -2,7 +2,9 @@
 
 A lease holds resources (content, snapshots, ingests) back from garbage
 collection while a client works, e.g. during a pull. Records live in the
-metadata store; a namespace holding a lease cannot be deleted.
+metadata store; a namespace holding a lease cannot be deleted. Deleting a
+lease schedules a garbage collection of what only it held; with ``sync``
+the collection runs before the call answers (``ctr leases rm --sync``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from daemon import filters
 from daemon.errors import InvalidArgument
 from daemon.hookspecs import hookimpl
 from daemon.metadata import Lease as StoredLease
-from daemon.metadata import LeaseResource, MetadataStore
+from daemon.metadata import LeaseResource, MetadataDB
 from daemon.registry import InitContext, Registry
 from daemon.server import request_namespace
 from daemon.validate import required
@@ -60,8 +62,9 @@ def _resource(res: Resource | None, field: str) -> LeaseResource:
 
 
 class LeasesService(LeasesBase):
-    def __init__(self, store: MetadataStore) -> None:
-        self.leases = store.leases
+    def __init__(self, db: MetadataDB) -> None:
+        self.db = db
+        self.leases = db.leases
 
     async def create(self, create_request: CreateRequest) -> CreateResponse:
         req = create_request
@@ -70,6 +73,10 @@ class LeasesService(LeasesBase):
 
     async def delete(self, delete_request: DeleteRequest) -> pb.Empty:
         await self.leases.delete(request_namespace(), required(delete_request.id, "id"))
+        if delete_request.sync:
+            await self.db.gc.run_now()
+        else:
+            self.db.request_gc()
         return pb.Empty()
 
     async def list(self, list_request: ListRequest) -> ListResponse:

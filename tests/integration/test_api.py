@@ -37,6 +37,14 @@ BUILTINS = {
     "berth.grpc.v1.introspection",
     "berth.grpc.v1.events",
     "berth.grpc.v1.leases",
+    "berth.content.v1.local",
+    "berth.snapshotter.v1.overlayfs",
+    "berth.snapshotter.v1.native",
+    "berth.diff.v1.tar",
+    "berth.grpc.v1.content",
+    "berth.grpc.v1.snapshots",
+    "berth.grpc.v1.images",
+    "berth.grpc.v1.diff",
 }
 
 

@@ -28,7 +28,7 @@ def test_example_config_is_exactly_the_default() -> None:
     assert (REPO / "config.toml.example").read_text() == out.stdout
     data = tomllib.loads(out.stdout)
     assert data["version"] == 1 and data["root"] == "/var/lib/berth"
-    assert data["plugins"]["berth.metadata.v1.sqlite"] == {"synchronous": "full"}
+    assert data["plugins"]["berth.metadata.v1.sqlite"] == {"synchronous": "full", "gc_delay": 1.0}
     # every key carries a comment: no key line is preceded directly by another key line without one
     lines = out.stdout.splitlines()
     for i, line in enumerate(lines):
