@@ -1,0 +1,1 @@
+"""(being written: the berth.services.gc service plugin lands here)."""

@@ -1,0 +1,1 @@
+"""(being written: the berth.services.transfer service plugin lands here)."""
