@@ -1,0 +1,78 @@
+"""The images plugin's config.toml table: ``[plugins."berth.images.v1.default"]``.
+
+It is the registry client's table (:class:`~plugins.images.registry.config.RegistryConfig`:
+``config_path``, ``hosts``, retries and timeouts) plus what the pull itself
+decides: where layers are unpacked, how many download at once, which
+platform is chosen from an index, and how long a pull's lease may outlive a
+crashed daemon::
+
+    [plugins."berth.images.v1.default"]
+    snapshotter = "overlayfs"
+    max_concurrent_downloads = 3
+    config_path = "/etc/containerd/certs.d"
+
+    [plugins."berth.images.v1.default".hosts."127.0.0.1:5000"]
+    plain_http = true
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from daemon.errors import InvalidArgument
+from daemon.metadata.validate import validate_identifier
+from plugins.images.registry.config import RegistryConfig
+from plugins.images.registry.platforms import parse_platform
+
+
+def _doc(text: str) -> dict[str, str]:
+    return {"doc": text}
+
+
+@dataclass
+class ImagesConfig(RegistryConfig):
+    """Image pulls (registries, credentials, retries), unpacking, import and export."""
+
+    snapshotter: str = field(
+        default="overlayfs",
+        metadata=_doc(
+            "Snapshotter (plugin id of a berth.snapshotter.v1) that pulls and imports unpack into, "
+            "unless a request names another."
+        ),
+    )
+    platform: str = field(
+        default="",
+        metadata=_doc(
+            'Platform chosen from multi-platform images (os/arch[/variant], e.g. "linux/arm64"). '
+            "Empty: the host's (linux/amd64 on x86-64)."
+        ),
+    )
+    max_concurrent_downloads: int = field(
+        default=3,
+        metadata=_doc(
+            "Layers of one pull downloaded at the same time (containerd's max_concurrent_downloads). "
+            "Layers are unpacked in order while they download, whatever this is."
+        ),
+    )
+    pull_lease_expiry: float = field(
+        default=24 * 3600.0,
+        metadata=_doc(
+            "Seconds the lease of a pull keeps what it fetched if the pull never finishes (berthd "
+            "killed): a pull retried within that time reuses every verified blob and layer."
+        ),
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        try:
+            validate_identifier("snapshotter", self.snapshotter)
+            if self.platform:
+                parse_platform(self.platform)
+        except InvalidArgument as exc:
+            raise ValueError(exc.message) from None
+        if self.max_concurrent_downloads < 1:
+            raise ValueError(
+                f"max_concurrent_downloads: expected at least 1, got {self.max_concurrent_downloads}"
+            )
+        if self.pull_lease_expiry <= 0:
+            raise ValueError(f"pull_lease_expiry: expected a number > 0, got {self.pull_lease_expiry}")
