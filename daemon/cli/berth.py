@@ -5,6 +5,12 @@
       plugins ls [FILTER...]
       namespaces ls | create NAME [KEY=VALUE...] | rm NAME... | label NAME [KEY=VALUE...]
       events [FILTER...]
+      images pull [--platform P] [--snapshotter S] [--user U[:PASS]] [--no-unpack] REF
+      images ls [-q] [FILTER...] | rm [--sync] REF... | inspect REF
+      images import [--name N] [--no-unpack] FILE|- | export FILE|- REF...
+      snapshots [--snapshotter S] ls [FILTER...] | tree | rm KEY...
+      content ls [FILTER...] | get DIGEST | rm DIGEST...
+      gc
 
 It speaks only the wire API (like ``ctr``), so whatever it can do, any
 containerd client can do too. Exit codes: 0 ok, 1 the daemon said no (the
@@ -18,7 +24,7 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,6 +34,11 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 from daemon import __version__
 from daemon.cli import output
 from daemon.cli.client import Client, DaemonUnreachable
+from daemon.cli.commands import CliError, Handler
+from daemon.cli.commands import content as content_cmd
+from daemon.cli.commands import gc as gc_cmd
+from daemon.cli.commands import images as images_cmd
+from daemon.cli.commands import snapshots as snapshots_cmd
 
 DEFAULT_ADDRESS = "/run/berth/berth.sock"
 
@@ -72,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("events", help="print events as they happen")
     ev.add_argument("filters", nargs="*", help='containerd filters, e.g. topic~="^/namespaces/"')
+    for group in (images_cmd, snapshots_cmd, content_cmd, gc_cmd):
+        COMMANDS.update(group.register(sub))
     return p
 
 
@@ -189,7 +202,7 @@ async def _events(c: Client, args: argparse.Namespace) -> None:
         sys.stdout.flush()
 
 
-COMMANDS: dict[str, Callable[[Client, argparse.Namespace], Awaitable[None]]] = {
+COMMANDS: dict[str, Handler] = {
     "version": _version,
     "plugins": _plugins,
     "namespaces": _namespaces,
@@ -219,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     except GRPCError as exc:
         print(f"berth: {output.status_text(exc)}", file=sys.stderr)
+        return 1
+    except CliError as exc:
+        print(f"berth: {exc}", file=sys.stderr)
         return 1
     except StreamTerminatedError as exc:
         print(f"berth: connection to berthd lost: {exc}", file=sys.stderr)

@@ -59,6 +59,8 @@ def main() -> int:
         _run("berth", "--address", address, "namespaces", "create", "demo", "team=berth")
         _run("berth", "--address", address, "namespaces", "ls")
         _run("berth", "--address", address, "namespaces", "rm", "demo")
+        _run("berth", "--address", address, "images", "ls")
+        _run("berth", "--address", address, "gc")
         return 0
     finally:
         if proc.poll() is None:

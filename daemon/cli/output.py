@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import betterproto
@@ -52,3 +53,33 @@ def decode_any(event: pb.Any | None) -> Any:
     if msg is None:
         return {"type_url": event.type_url, "value": event.value.hex()}
     return {"type": event.type_url, **msg.to_pydict(casing=betterproto.Casing.SNAKE)}
+
+
+def human_size(size: int) -> str:
+    """``1.5 MiB``: binary units with one decimal, as ``ctr`` shows sizes."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_age(seconds: float) -> str:
+    """``45s``, ``3m``, ``5h``, ``2d``: how long ago, in the largest whole unit."""
+    s = max(0, int(seconds))
+    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= length:
+            return f"{s // length}{unit}"
+    return f"{s}s"
+
+
+def labels_text(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+def timestamp(value: datetime | None) -> str | None:
+    """An RFC 3339 UTC time for JSON output; None for an unset protobuf timestamp."""
+    if value is None or value.timestamp() <= 0:
+        return None
+    return value.astimezone(UTC).isoformat()
