@@ -22,6 +22,7 @@ from daemon.hookspecs import hookimpl
 from daemon.metadata.db import MetadataDB
 from daemon.protocols import Applier
 from daemon.registry import InitContext, Registry
+from plugins.images import transfer
 from plugins.images.config import ImagesConfig
 from plugins.images.service import ImageService
 
@@ -61,3 +62,6 @@ def berth_register(registry: Registry) -> None:
         config=ImagesConfig,
         init=init,
     )
+    # Its gRPC face (berth.grpc.v1.transfer) lives in this package because it
+    # speaks the plugin's own progress and credential types.
+    transfer.register(registry)

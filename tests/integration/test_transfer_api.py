@@ -23,7 +23,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from daemon.mount import mount_points_under
-from plugins.api import transfer
+from plugins.images import transfer
 from plugins.images.progress import BlobProgress, State
 from plugins.images.progress import PullProgress as Progress
 from protos.berth.services.gc.v1 import CollectRequest, GarbageCollectorStub

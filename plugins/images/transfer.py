@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 import structlog
 
 from daemon.errors import InvalidArgument
-from daemon.hookspecs import hookimpl
 from daemon.metadata import Image
 from daemon.registry import InitContext, Registry
 from daemon.server import request_namespace
@@ -398,9 +397,9 @@ async def init(ic: InitContext) -> TransferService:
     return TransferService(ic.get("berth.images.v1"))
 
 
-@hookimpl
-def berth_register(registry: Registry) -> None:
+def register(registry: Registry) -> None:
+    """Called by the images plugin's ``berth_register``: the service ships with the plugin it serves."""
     registry.add(type="berth.grpc.v1", id="transfer", init=init, requires=["berth.images.v1"])
 
 
-__all__ = ["TransferService", "berth_register", "credentials", "progress_message", "stored_image"]
+__all__ = ["TransferService", "credentials", "progress_message", "register", "stored_image"]
