@@ -53,8 +53,16 @@ class PullRequest(betterproto.Message):
 @dataclass(eq=False, repr=False)
 class LayerProgress(betterproto.Message):
     descriptor: "____containerd_types__.Descriptor" = betterproto.message_field(1)
+    """
+    The blob; its annotation "io.berth.progress.kind" says index, manifest,
+     config or layer.
+    """
+
     status: str = betterproto.string_field(2)
-    """downloading, waiting, applying, done, exists, error"""
+    """
+    waiting, downloading, downloaded (fetched, not yet applied), applying,
+     done, exists, error
+    """
 
     offset: int = betterproto.int64_field(3)
     total: int = betterproto.int64_field(4)
