@@ -73,6 +73,8 @@ T = TypeVar("T")
 #: Label containerd puts on pulled blobs: where they came from (used for cross-repository mounts).
 LABEL_SOURCE_PREFIX = "containerd.io/distribution.source."
 #: Longest wait between two attempts to open an ingest another pull holds.
+#: Longest wait for another writer of the same blob (a concurrent pull of it).
+LOCKED_MAX_WAIT = 600.0
 LOCKED_MAX_DELAY = 1.0
 
 
@@ -316,16 +318,19 @@ async def open_writer(cs: ContentStore, ref: str, desc: Descriptor) -> ContentWr
     """The ingest of ``desc`` (resumed if one exists), or None if the blob is there already.
 
     Another pull writing the same blob holds its ingest (Unavailable
-    "locked"): wait for it, polling, until it commits (None) or lets go.
+    "locked"): wait for it, polling, until it commits (None) or lets go, for
+    at most LOCKED_MAX_WAIT seconds; then the Unavailable goes to the caller
+    (a retry later succeeds) rather than a pull hanging on a stuck holder.
     """
     delay = 0.02
+    deadline = asyncio.get_running_loop().time() + LOCKED_MAX_WAIT
     while True:
         try:
             return await cs.writer(ref, desc.size, desc.digest)
         except AlreadyExists:
             return None
         except Unavailable as exc:
-            if "locked" not in exc.message:
+            if "locked" not in exc.message or asyncio.get_running_loop().time() > deadline:
                 raise
             log.debug("pull.ingest.locked", ref=ref, digest=desc.digest)
         await asyncio.sleep(delay)

@@ -307,6 +307,10 @@ class ImageService:
                 "pull.failed", namespace=namespace, ref=ref, error=str(exc), error_type=type(exc).__name__
             )
             self.db.request_gc()  # what the failed pull left, once its lease is gone
+            if isinstance(exc, BerthError) and ref not in exc.message and str(reference) not in exc.message:
+                # e.g. "metadata database: database or disk is full": say which pull failed.
+                exc.message = f"pull {ref}: {exc.message}"
+                exc.args = (exc.message,)
             raise
         finally:
             tracker.finish()

@@ -16,6 +16,9 @@ GET, ``Range: bytes=N-`` with 206) and can be told to misbehave:
   server's own ``/token`` endpoint (GET with basic credentials, or the OAuth2
   POST form), which hands out opaque tokens.
 
+``clear_faults()`` repairs it again (corrupt, drop and fail knobs reset;
+auth stays).
+
 Every request is recorded (``records``) and counted (``hits``). The server
 runs on its own thread (see :mod:`tests.support.aioserver`) on 127.0.0.1.
 """
@@ -142,6 +145,17 @@ class FakeRegistry:
         """The next ``times`` requests whose path contains ``match`` get ``status``."""
         with self.lock:
             self._failures.append(_Failure(match, times, status))
+
+    def clear_faults(self) -> None:
+        """Repair the registry: no corrupt blob, dropped connection or injected failure is left.
+
+        Auth requirements stay (they are the registry's policy, not a
+        fault), and so do the records and counts.
+        """
+        with self.lock:
+            self._corrupt.clear()
+            self._drops.clear()
+            self._failures.clear()
 
     def require_basic(self, username: str, password: str) -> None:
         with self.lock:

@@ -310,9 +310,14 @@ class LocalWriter:
         return await asyncio.to_thread(self._commit_sync, size, expected, clean)
 
     async def close(self) -> None:
-        """Fsync, record ``updatedat``, release the ref; the ingest stays for resumption."""
+        """Fsync, record ``updatedat``, release the ref; the ingest stays for resumption.
+
+        Shielded: a caller cancelled while closing (a failing pull's task group
+        cancels its siblings, sometimes twice) must not leave the ref locked
+        for ever; the close finishes in its thread whatever happens to the caller.
+        """
         if self._state is _State.OPEN:
-            await asyncio.to_thread(self._close_sync)
+            await asyncio.shield(asyncio.to_thread(self._close_sync))
 
     # -- blocking parts, each under the mutex ------------------------------------
 
