@@ -32,30 +32,34 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import gc
 import itertools
 import json
-import os
-import platform
-import shutil
-import signal
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import betterproto.lib.google.protobuf as pb
-from grpclib.client import Channel
-from grpclib.exceptions import GRPCError, StreamTerminatedError
 
+from bench.daemons import (
+    NAMESPACE_HEADER,
+    BenchError,
+    Daemon,
+    berthd_daemon,
+    channel_for,
+    containerd_daemon,
+    exit_status,
+    machine,
+    make_base,
+    remove_base,
+    require_containerd,
+    stop_all,
+    terminate_as_interrupt,
+    wait_ready,
+)
+from bench.report import Figure, Metric, distribution, format_table, rounded
 from protos.containerd.services.namespaces.v1 import (
     CreateNamespaceRequest,
     DeleteNamespaceRequest,
@@ -65,186 +69,10 @@ from protos.containerd.services.namespaces.v1 import (
 )
 from protos.containerd.services.version.v1 import VersionStub
 
-NAMESPACE_HEADER = "containerd-namespace"
-CONTAINERD = "/usr/bin/containerd"
-READY_TIMEOUT = 30.0
-STOP_GRACE = 10.0
 CALL_TIMEOUT = 10.0
 ROUNDS = 4  # rounds per phase; the daemon that goes first alternates
 CONCURRENCY = 32
 LIST_FIXTURES = 8  # namespaces present during Namespaces.List, the same on both daemons
-PR_SET_PDEATHSIG = 1
-
-
-class BenchError(Exception):
-    """A daemon could not be started or stopped answering; the message names which and why."""
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, unwound like Ctrl-C; the exit status is 128 + the signal's number."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"signal {signum}")
-        self.signum = signum
-
-
-# -- daemons -------------------------------------------------------------------------------------------------
-
-
-_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before fork: the child only calls into it
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: if the bench is killed outright, the daemon gets SIGTERM too."""
-    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-
-
-@dataclass
-class Daemon:
-    """One daemon process on its own temporary directory, known and stopped by PID."""
-
-    name: str
-    argv: list[str]
-    address: str
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            # Own session: a Ctrl-C in the terminal reaches the bench only, which then stops
-            # the daemons itself, in order, from its finally block.
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-            )
-
-    @property
-    def pid(self) -> int:
-        if self.proc is None:
-            raise BenchError(f"{self.name} was not started")
-        return self.proc.pid
-
-    def exited(self) -> int | None:
-        return None if self.proc is None else self.proc.poll()
-
-    def log_tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def rss_kib(self) -> int:
-        """VmRSS of the daemon's process, in KiB."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise BenchError(f"{self.name}: no VmRSS in /proc/{self.pid}/status")
-
-    def cpu_seconds(self) -> float:
-        """utime+stime of the whole process (every thread), in seconds; a read of /proc, microseconds."""
-        stat = Path(f"/proc/{self.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()  # fields[0] is field 3 (state) of proc(5)
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL after a grace period; by PID, and only our own child."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=STOP_GRACE)
-        except subprocess.TimeoutExpired:
-            print(f"{self.name} ignored SIGTERM for {STOP_GRACE}s; sending SIGKILL", file=sys.stderr)
-            self.proc.kill()
-            self.proc.wait()
-
-
-def berthd_daemon(base: Path) -> Daemon:
-    """berthd on embedded defaults; an explicit config file keeps /etc/berth out of the run."""
-    base.mkdir()
-    config = base / "config.toml"
-    config.write_text(
-        "# written by bench/grpc_roundtrip.py: embedded defaults only\nversion = 1\nimports = []\n"
-    )
-    address = str(base / "s" / "b.sock")
-    berthd = Path(sys.executable).parent / "berthd"
-    exe = str(berthd) if berthd.exists() else (shutil.which("berthd") or "berthd")
-    argv = [exe, "--config", str(config), "--root", str(base / "r"), "--state", str(base / "s")]
-    return Daemon("berth", [*argv, "--address", address], address, base / "berthd.log")
-
-
-def containerd_daemon(base: Path) -> Daemon:
-    """A private containerd: every path it writes is under ``base``; CRI (CNI, stream server) is off."""
-    base.mkdir()
-    address = str(base / "c.sock")
-    config = base / "config.toml"
-    config.write_text(
-        f"""# written by bench/grpc_roundtrip.py
-version = 2
-root = "{base / "r"}"
-state = "{base / "s"}"
-# CRI needs CNI and a streaming server; the other snapshotters probe the host and error out
-# when unconfigured. The tracing IDs are absent from Debian's 1.6 build and keep a newer
-# containerd from exporting spans.
-disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
-  "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.zfs",
-  "io.containerd.tracing.processor.v1.otlp",
-  "io.containerd.internal.v1.tracing",
-]
-
-[grpc]
-  address = "{address}"
-
-[ttrpc]
-  address = "{address}.ttrpc"
-
-[debug]
-  address = "{base / "d.sock"}"
-
-[metrics]
-  address = ""
-  grpc_histogram = false
-
-[plugins]
-  [plugins."io.containerd.internal.v1.opt"]
-    path = "{base / "opt"}"
-"""
-    )
-    return Daemon("containerd", [CONTAINERD, "--config", str(config)], address, base / "containerd.log")
-
-
-def channel_for(d: Daemon) -> Channel:
-    return Channel(path=d.address)
-
-
-async def wait_ready(d: Daemon, limit_s: float = READY_TIMEOUT) -> str:
-    """Poll Version until it answers (returns the version string), the process dies, or time runs out."""
-    deadline = time.monotonic() + limit_s
-    last = "socket not created"
-    while time.monotonic() < deadline:
-        rc = d.exited()
-        if rc is not None:
-            raise BenchError(f"{d.name} exited with {rc} while starting")
-        if os.path.exists(d.address):  # noqa: ASYNC240 - one stat per poll
-            channel = channel_for(d)
-            try:
-                resp = await VersionStub(channel, timeout=1.0).version(pb.Empty())
-                return str(resp.version)
-            except (OSError, TimeoutError, GRPCError, StreamTerminatedError) as exc:
-                last = f"{type(exc).__name__}: {exc}"
-            finally:
-                channel.close()
-        await asyncio.sleep(0.02)
-    raise BenchError(f"{d.name} not serving at {d.address} after {limit_s}s ({last})")
 
 
 # -- the client side -----------------------------------------------------------------------------------------
@@ -345,37 +173,8 @@ async def run_phase(phase: Phase, targets: list[Target], budget_s: float, warmup
 # -- figures -------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Figure:
-    value: float  # the median for distributions, the figure itself otherwise
-    p99: float | None = None
-    n: int = 0
-    cut_by_budget: bool = False
-
-
-@dataclass
-class Metric:
-    name: str
-    unit: str
-    berth: Figure
-    containerd: Figure
-
-    @property
-    def ratio(self) -> float | None:
-        return self.berth.value / self.containerd.value if self.containerd.value else None
-
-
-def p99(values: list[float]) -> float:
-    """Nearest-rank 99th percentile."""
-    ordered = sorted(values)
-    return ordered[max(0, -(-99 * len(ordered) // 100) - 1)]
-
-
 def latency_figure(run: Run, per_call_divisor: int = 1) -> Figure:
-    if not run.latencies_ns:
-        return Figure(float("nan"), float("nan"), 0, run.cut_by_budget)
-    us = [ns / 1000 / per_call_divisor for ns in run.latencies_ns]
-    return Figure(statistics.median(us), p99(us), run.calls, run.cut_by_budget)
+    return distribution([ns / 1000 / per_call_divisor for ns in run.latencies_ns], run.cut_by_budget)
 
 
 def cpu_figure(run: Run, ops_per_call: int, client: bool = False) -> Figure:
@@ -386,46 +185,6 @@ def cpu_figure(run: Run, ops_per_call: int, client: bool = False) -> Figure:
 
 def throughput_figure(run: Run) -> Figure:
     return Figure(run.calls / run.wall_s if run.wall_s else float("nan"), None, run.calls, run.cut_by_budget)
-
-
-def format_table(metrics: list[Metric]) -> str:
-    header = [
-        "metric",
-        "berth median",
-        "berth p99",
-        "containerd median",
-        "containerd p99",
-        "berth/containerd",
-    ]
-    rows = [header]
-    for m in metrics:
-
-        def cell(x: float | None) -> str:
-            if x is None:
-                return "-"
-            return f"{x:,.1f}" if abs(x) < 100 else f"{x:,.0f}"
-
-        flag = " *" if m.berth.cut_by_budget or m.containerd.cut_by_budget else ""
-        ratio = "-" if m.ratio is None else f"{m.ratio:.2f}x"
-        rows.append(
-            [
-                f"{m.name} ({m.unit}){flag}",
-                cell(m.berth.value),
-                cell(m.berth.p99),
-                cell(m.containerd.value),
-                cell(m.containerd.p99),
-                ratio,
-            ]
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = []
-    for i, r in enumerate(rows):
-        lines.append(
-            "  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)])
-        )
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 # -- the run -------------------------------------------------------------------------------------------------
@@ -501,45 +260,6 @@ async def measure(daemons: list[Daemon], calls: int, budget_s: float, info: dict
             t.channel.close()
 
 
-def _rounded(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return round(obj, 3)
-    if isinstance(obj, dict):
-        return {k: _rounded(v) for k, v in obj.items()}
-    return obj
-
-
-def machine() -> dict[str, Any]:
-    try:
-        ctd = subprocess.run(
-            [CONTAINERD, "--version"], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError) as exc:
-        ctd = f"unknown ({exc})"
-    return {
-        "date": time.strftime("%Y-%m-%d"),
-        "nproc": os.cpu_count(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "containerd": ctd,
-        "cpu_tick_s": 1 / os.sysconf("SC_CLK_TCK"),  # resolution of the daemon CPU figures
-    }
-
-
-@contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM to the bench unwinds like Ctrl-C, so the finally block still stops the daemons."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise Terminated(signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="bench.grpc_roundtrip", description=__doc__.split("\n\n")[0] if __doc__ else ""
@@ -554,13 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.calls < ROUNDS * 2:
         p.error(f"--calls must be at least {ROUNDS * 2}")
-    if not os.access(CONTAINERD, os.X_OK):
-        print(f"{CONTAINERD} not found: apt-get install containerd (the reference daemon)", file=sys.stderr)
+    if not require_containerd():
         return 1
 
     info: dict[str, Any] = {"machine": machine(), "calls": args.calls, "budget_s": args.budget}
-    base = Path(tempfile.mkdtemp(prefix="bb-", dir="/tmp"))  # short: unix socket paths are <= 107 bytes
-    daemons = [berthd_daemon(base / "b"), containerd_daemon(base / "c")]
+    base = make_base()
+    by = "bench/grpc_roundtrip.py: embedded defaults only"
+    daemons = [berthd_daemon(base / "b", by=by), containerd_daemon(base / "c", by=by)]
     started = time.monotonic()
     failed = True
     with terminate_as_interrupt():
@@ -569,8 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                 d.start()
             metrics = asyncio.run(measure(daemons, args.calls, args.budget, info))
             for d in daemons:
-                if d.exited() is not None:
-                    raise BenchError(f"{d.name} died during the run")
+                d.check_alive()
             idle = {d.name: info["servers"][d.name]["rss_idle_kib"] / 1024 for d in daemons}
             after = {d.name: d.rss_kib() / 1024 for d in daemons}
             metrics.append(
@@ -583,22 +302,17 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt as exc:
             failed = False  # not the daemons' fault: no logs
             print("interrupted; stopping the daemons", file=sys.stderr)
-            return 128 + (exc.signum if isinstance(exc, Terminated) else signal.SIGINT)
+            return exit_status(exc)
         except BenchError as exc:
             print(f"bench failed: {exc}", file=sys.stderr)
             return 1
         finally:
-            for d in daemons:
-                d.stop()
-                if failed and d.proc is not None:
-                    print(f"--- {d.name} log (tail) ---\n{d.log_tail()}", file=sys.stderr)
-            shutil.rmtree(base, ignore_errors=True)
-            if base.exists():
-                print(f"could not remove {base}", file=sys.stderr)
+            stop_all(daemons, show_logs=failed)
+            remove_base(base)
 
     info["elapsed_s"] = round(time.monotonic() - started, 1)
     if args.json:
-        out = {**info, "metrics": [_rounded({**asdict(m), "ratio": m.ratio}) for m in metrics]}
+        out = {**info, "metrics": [rounded({**asdict(m), "ratio": m.ratio}) for m in metrics]}
         print(json.dumps(out, indent=2))
         return 0
     servers = info["servers"]
