@@ -33,14 +33,15 @@ import contextlib
 import fcntl
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import structlog
 
 from daemon.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
-from daemon.protocols import Kind, Mount, SnapshotInfo, Usage
-from daemon.snapshotstore import MetaStore, Snapshot, SnapshotDirs, Transaction, disk_usage
+from daemon.protocols import Kind, Mount
+from daemon.snapshotbase import StoredSnapshotter
+from daemon.snapshotstore import MetaStore, Snapshot, SnapshotDirs, Transaction
 from plugins.snapshotters.native.config import NativeConfig
 
 log = structlog.get_logger("berth.snapshotter.native")
@@ -62,16 +63,16 @@ def reflink_supported(directory: Path) -> bool:
     return True
 
 
-class NativeSnapshotter:
+class NativeSnapshotter(StoredSnapshotter):
     """:class:`daemon.protocols.Snapshotter` by plain directory copies. Build it with :meth:`open`."""
 
     def __init__(self, root: Path, store: MetaStore, config: NativeConfig, *, reflink: bool) -> None:
+        super().__init__(store, SnapshotDirs(root))
         self.root = root
         self.config = config
+        self.sync_remove = config.sync_remove
         #: whether copies are clones (the filesystem supports it and config allows it)
         self.reflink = reflink
-        self._ms = store
-        self._dirs = SnapshotDirs(root)
 
     @classmethod
     async def open(cls, root: Path, config: NativeConfig | None = None) -> NativeSnapshotter:
@@ -87,28 +88,6 @@ class NativeSnapshotter:
         log.debug("native.open", root=str(root), reflink=reflink)
         return sn
 
-    # -- reading ------------------------------------------------------------
-
-    async def stat(self, key: str) -> SnapshotInfo:
-        return await self._ms.stat(key)
-
-    async def update(self, info: SnapshotInfo, fieldpaths: Sequence[str] = ()) -> SnapshotInfo:
-        return await self._ms.update(info, fieldpaths)
-
-    async def walk(self, filters: Sequence[str] = ()) -> AsyncIterator[SnapshotInfo]:
-        for info in await self._ms.walk(filters):
-            yield info
-
-    async def usage(self, key: str) -> Usage:
-        """Recorded at commit for committed snapshots; measured now for the others."""
-        snap = await self._ms.get(key)
-        if snap.kind is Kind.COMMITTED:
-            return snap.usage
-        return await asyncio.to_thread(disk_usage, self._dirs.fs(snap.id))
-
-    async def mounts(self, key: str) -> list[Mount]:
-        return self._mounts(await self._ms.active_or_view(key))
-
     def _mounts(self, snap: Snapshot) -> list[Mount]:
         if snap.kind is Kind.ACTIVE:
             return [Mount("bind", str(self._dirs.fs(snap.id)), options=("rw", "rbind"))]
@@ -116,14 +95,6 @@ class NativeSnapshotter:
         return [Mount("bind", str(source), options=("ro", "rbind"))]
 
     # -- writing ------------------------------------------------------------
-
-    async def prepare(
-        self, key: str, parent: str = "", labels: Mapping[str, str] | None = None
-    ) -> list[Mount]:
-        return await self._create(Kind.ACTIVE, key, parent, labels)
-
-    async def view(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[Mount]:
-        return await self._create(Kind.VIEW, key, parent, labels)
 
     async def _create(
         self, kind: Kind, key: str, parent: str, labels: Mapping[str, str] | None
@@ -181,28 +152,6 @@ class NativeSnapshotter:
             text = err.decode(errors="replace").strip()
             cls = ResourceExhausted if "No space left" in text else FailedPrecondition
             raise cls(f"snapshot {key!r}: copying parent {parent!r}: {text}")
-
-    async def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
-        snap = await self._ms.get(key)
-        if snap.kind is not Kind.ACTIVE:
-            raise FailedPrecondition(
-                f"commit {key!r}: snapshot is {snap.kind.name.lower()}; only active snapshots commit"
-            )
-        usage = await asyncio.to_thread(disk_usage, self._dirs.fs(snap.id))
-        await self._ms.write(lambda tx: tx.commit_active(key, name, usage, labels))
-        log.debug("snapshot.commit", key=key, name=name, id=snap.id, size=usage.size)
-
-    async def remove(self, key: str) -> None:
-        sid, _ = await self._ms.remove(key)
-        log.debug("snapshot.remove", key=key, id=sid)
-        if self.config.sync_remove:
-            await self._dirs.cleanup(self._ms)
-
-    async def cleanup(self) -> None:
-        await self._dirs.cleanup(self._ms)
-
-    async def close(self) -> None:
-        await self._ms.close()
 
 
 def _copy_source(tx: Transaction, key: str, parent: str) -> int:

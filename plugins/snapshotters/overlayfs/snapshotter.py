@@ -35,10 +35,10 @@ from pathlib import Path
 
 import structlog
 
-from daemon.errors import FailedPrecondition
 from daemon.mount import mount_all, unmount_all
-from daemon.protocols import Kind, Mount, SnapshotInfo, Usage
-from daemon.snapshotstore import MetaStore, Snapshot, SnapshotDirs, Transaction, disk_usage
+from daemon.protocols import Kind, Mount, SnapshotInfo
+from daemon.snapshotbase import StoredSnapshotter
+from daemon.snapshotstore import MetaStore, Snapshot, SnapshotDirs, Transaction
 from plugins.snapshotters.overlayfs.config import OverlayConfig
 
 log = structlog.get_logger("berth.snapshotter.overlayfs")
@@ -81,14 +81,14 @@ def _remove_scratch(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-class OverlaySnapshotter:
+class OverlaySnapshotter(StoredSnapshotter):
     """:class:`daemon.protocols.Snapshotter` on overlayfs. Build it with :meth:`open`."""
 
     def __init__(self, root: Path, store: MetaStore, config: OverlayConfig) -> None:
+        super().__init__(store, SnapshotDirs(root))
         self.root = root
         self.config = config
-        self._ms = store
-        self._dirs = SnapshotDirs(root)
+        self.sync_remove = config.sync_remove
         options = list(config.mount_options)
         if _INDEX_PARAM.exists() and not any(o.startswith("index=") for o in options):
             # containerd does the same: with index=on a layer shared by two
@@ -135,16 +135,6 @@ class OverlaySnapshotter:
         for info in infos:
             yield self._decorate(info, by_key.get(info.name))
 
-    async def usage(self, key: str) -> Usage:
-        """Recorded at commit for committed snapshots; measured now (upper dir) for the others."""
-        snap = await self._ms.get(key)
-        if snap.kind is Kind.COMMITTED:
-            return snap.usage
-        return await asyncio.to_thread(disk_usage, self._dirs.fs(snap.id))
-
-    async def mounts(self, key: str) -> list[Mount]:
-        return self._mounts(await self._ms.active_or_view(key))
-
     def _mounts(self, snap: Snapshot) -> list[Mount]:
         fs = str(self._dirs.fs(snap.id))
         if not snap.parent_ids:
@@ -160,14 +150,6 @@ class OverlaySnapshotter:
 
     # -- writing ------------------------------------------------------------
 
-    async def prepare(
-        self, key: str, parent: str = "", labels: Mapping[str, str] | None = None
-    ) -> list[Mount]:
-        return await self._create(Kind.ACTIVE, key, parent, labels)
-
-    async def view(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[Mount]:
-        return await self._create(Kind.VIEW, key, parent, labels)
-
     async def _create(
         self, kind: Kind, key: str, parent: str, labels: Mapping[str, str] | None
     ) -> list[Mount]:
@@ -179,28 +161,6 @@ class OverlaySnapshotter:
         snap = await self._ms.write(job)
         log.debug("snapshot.create", key=key, parent=parent, kind=kind.name.lower(), id=snap.id)
         return self._mounts(snap)
-
-    async def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
-        snap = await self._ms.get(key)
-        if snap.kind is not Kind.ACTIVE:
-            raise FailedPrecondition(
-                f"commit {key!r}: snapshot is {snap.kind.name.lower()}; only active snapshots commit"
-            )
-        usage = await asyncio.to_thread(disk_usage, self._dirs.fs(snap.id))
-        await self._ms.write(lambda tx: tx.commit_active(key, name, usage, labels))
-        log.debug("snapshot.commit", key=key, name=name, id=snap.id, size=usage.size)
-
-    async def remove(self, key: str) -> None:
-        sid, _ = await self._ms.remove(key)
-        log.debug("snapshot.remove", key=key, id=sid)
-        if self.config.sync_remove:
-            await self._dirs.cleanup(self._ms)
-
-    async def cleanup(self) -> None:
-        await self._dirs.cleanup(self._ms)
-
-    async def close(self) -> None:
-        await self._ms.close()
 
 
 __all__ = ["OverlayConfig", "OverlaySnapshotter", "check_supported"]
