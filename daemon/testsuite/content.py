@@ -5,27 +5,44 @@ CommitExists, Resume*, SmallBlob, Labels, CommitErrorState), plus the ones
 berth's contract adds: size/digest mismatch reports, the locked-ref error,
 walk and status filters, delete, abort, large blobs, restarts.
 
-Each case is ``async def case(factory, root)``: ``factory(root)`` must return
-a store keeping its data under ``root``, and calling it again on the same
-root must give a store that sees the same data (a restart). The runner owns
-closing the stores. How to run them all with pytest::
+Run it against a plugin, built through the plugin registry exactly as berthd
+builds it (no root needed)::
 
-    from daemon.testsuite.content import CASES
+    python -m daemon.testsuite content berth.content.v1.local
+
+or from code with any *factory*: an ``async`` function that takes a root
+directory and returns a store, or an async context manager yielding one
+(:func:`daemon.testsuite.loader.plugin_factory` gives one)::
+
+    from daemon.testsuite import content as suite
+
+    for name in suite.CASES:
+        await suite.run_case(name, factory, tmp_path / name)   # raises on failure
+
+Calling the factory again on the same root must give a store that sees the
+same data (a restart); the first store stays open meanwhile. ``run_case``
+exits every context manager it entered; stores returned by a plain
+coroutine are the factory owner's to close. Each case is also callable on
+its own, ``await CASES[name](factory, root)``, with a plain ``async``
+factory (the pytest form::
 
     @pytest.mark.parametrize("name", sorted(CASES))
     async def test_content(name: str, tmp_path: Path) -> None:
         await CASES[name](my_factory, tmp_path / "root")
 
-Failures raise :class:`ConformanceError` (an AssertionError) saying what
+). Failures raise :class:`ConformanceError` (an AssertionError) saying what
 differed; the cases do not depend on pytest and do not use ``assert``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import random
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,8 +57,13 @@ from daemon.errors import (
 )
 from daemon.protocols import ContentInfo, ContentStore, ContentWriter, IngestStatus
 
+#: What a case calls: ``async (root) -> ContentStore``.
 StoreFactory = Callable[[Path], Awaitable[ContentStore]]
-Case = Callable[[StoreFactory, Path], Awaitable[None]]
+
+#: What :func:`run_case` accepts: a :data:`StoreFactory`, or ``(root) -> async context manager of a store``.
+Factory = Callable[[Path], Awaitable[ContentStore] | AbstractAsyncContextManager[ContentStore]]
+
+CaseFunc = Callable[[StoreFactory, Path], Awaitable[None]]
 
 EMPTY_DIGEST = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 
@@ -815,33 +837,131 @@ async def check_concurrent_refs(factory: StoreFactory, root: Path) -> None:
     _eq(await _walk(store), sorted(d for _, d in blobs), "walk after concurrent commits")
 
 
-CASES: dict[str, Case] = {
+# -- the table, and running it ---------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One case: its name (``-k``), the first line of its docstring, and the coroutine function.
+
+    Calling it runs the function: ``await CASES[name](factory, root)``.
+    """
+
+    name: str
+    func: CaseFunc
+    doc: str
+
+    def __call__(self, factory: StoreFactory, root: Path) -> Awaitable[None]:
+        return self.func(factory, root)
+
+
+def _table(*funcs: CaseFunc) -> dict[str, Case]:
+    cases = {}
+    for func in funcs:
+        name = func.__name__.removeprefix("check_")
+        cases[name] = Case(name, func, (func.__doc__ or "").strip().splitlines()[0])
+    return cases
+
+
+#: Every case, by name, in the order they run.
+CASES: dict[str, Case] = _table(
     # containerd's content/testsuite
-    "writer": check_writer,
-    "update_status": check_update_status,
-    "commit_exists": check_commit_exists,
-    "resume": check_resume,
-    "resume_truncate": check_resume_truncate,
-    "resume_discard": check_resume_discard,
-    "small_blob": check_small_blob,
-    "labels": check_labels,
-    "commit_error_state": check_commit_error_state,
+    check_writer,
+    check_update_status,
+    check_commit_exists,
+    check_resume,
+    check_resume_truncate,
+    check_resume_discard,
+    check_small_blob,
+    check_labels,
+    check_commit_error_state,
     # berth's contract
-    "commit_size_mismatch": check_commit_size_mismatch,
-    "commit_digest_mismatch": check_commit_digest_mismatch,
-    "locked_ref": check_locked_ref,
-    "walk_filters": check_walk_filters,
-    "delete": check_delete,
-    "list_statuses": check_list_statuses,
-    "abort": check_abort,
-    "large_blob_streaming": check_large_blob_streaming,
-    "writer_expected_exists": check_writer_expected_exists,
-    "resume_mismatch": check_resume_mismatch,
-    "truncate": check_truncate,
-    "restart": check_restart,
-    "invalid_arguments": check_invalid_arguments,
-    "sha512": check_sha512,
-    "empty_blob": check_empty_blob,
-    "writer_after_commit": check_writer_after_commit,
-    "concurrent_refs": check_concurrent_refs,
-}
+    check_commit_size_mismatch,
+    check_commit_digest_mismatch,
+    check_locked_ref,
+    check_walk_filters,
+    check_delete,
+    check_list_statuses,
+    check_abort,
+    check_large_blob_streaming,
+    check_writer_expected_exists,
+    check_resume_mismatch,
+    check_truncate,
+    check_restart,
+    check_invalid_arguments,
+    check_sha512,
+    check_empty_blob,
+    check_writer_after_commit,
+    check_concurrent_refs,
+)
+
+
+async def run_case(name: str, factory: Factory, base: Path) -> None:
+    """Run case ``name`` with stores built by ``factory`` on ``base/root``; raises on failure.
+
+    ``base`` must not exist or be empty; it is left in place (the caller
+    owns it). Every store the factory yielded as a context manager is
+    exited before this returns, even when the case fails.
+    """
+    try:
+        entry = CASES[name]
+    except KeyError:
+        raise KeyError(f"no content conformance case {name!r}; cases: {', '.join(CASES)}") from None
+    root = base / "root"
+    root.mkdir(parents=True, exist_ok=True)
+    async with AsyncExitStack() as stack:
+
+        async def store_at(path: Path) -> ContentStore:
+            made = factory(path)
+            if isinstance(made, AbstractAsyncContextManager) or hasattr(made, "__aenter__"):
+                store = await stack.enter_async_context(made)  # type: ignore[arg-type]
+            else:
+                store = await made
+            if not isinstance(store, ContentStore):
+                raise ConformanceError(f"the factory returned {type(store).__name__}, not a ContentStore")
+            return store
+
+        await entry(store_at, root)
+
+
+@dataclasses.dataclass
+class Result:
+    name: str
+    status: str  # "pass" | "fail" (content cases never skip)
+    message: str = ""
+    seconds: float = 0.0
+
+
+async def run_suite(
+    factory: Factory,
+    base: Path,
+    *,
+    names: Sequence[str] = (),
+    report: Callable[[Result], None] | None = None,
+) -> list[Result]:
+    """Run the cases ``names`` (all by default), each in ``base/<name>``; never raises for a case."""
+    results = []
+    for name in names or list(CASES):
+        started = time.monotonic()
+        try:
+            await run_case(name, factory, base / name)
+            result = Result(name, "pass")
+        except Exception as exc:  # noqa: BLE001 - every failure is a result
+            result = Result(name, "fail", f"{type(exc).__name__}: {exc}")
+        result.seconds = time.monotonic() - started
+        results.append(result)
+        if report is not None:
+            report(result)
+    return results
+
+
+__all__ = [
+    "CASES",
+    "Case",
+    "ConformanceError",
+    "Factory",
+    "Result",
+    "StoreFactory",
+    "run_case",
+    "run_suite",
+]

@@ -1,72 +1,82 @@
 """The content conformance suite against ``berth.content.v1.local``, built through the real registry.
 
-The store comes from the installed entry points exactly as berthd loads it:
-every other plugin is disabled, so only the content store initialises.
+The store comes from the installed entry points exactly as berthd loads it
+(:func:`daemon.testsuite.loader.plugin_factory`): only it and what it
+requires initialise. The second half checks that the suite itself can fail.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
 
-from daemon.events import EventBus
-from daemon.metrics import MetricsRegistry
-from daemon.protocols import ContentStore
-from daemon.registry import DaemonPaths, Registry, Status
-from daemon.testsuite.content import CASES, StoreFactory
+from daemon.protocols import ContentInfo, ContentStore
+from daemon.testsuite import content as suite
+from daemon.testsuite.loader import plugin_factory, plugin_instance
+from plugins.content.local.store import LocalContentStore
 
 PLUGIN = "berth.content.v1.local"
 
 
-async def _init_only(registry: Registry, full_name: str, base: Path) -> object:
-    """Initialise one plugin of ``registry`` on ``base``; the others are disabled."""
-    others = [r.full_name for r in registry.registrations if r.full_name != full_name]
-    await registry.init_all(
-        paths=DaemonPaths(root=base, state=base.with_name(base.name + "-state"), address=str(base / "sock")),
-        configs={},
-        bus=EventBus(),
-        metrics=MetricsRegistry(),
-        disabled=others,
-    )
-    state = registry.state(full_name)
-    if state.status is not Status.OK:
-        raise AssertionError(f"{full_name}: {state.status.value}: {state.error}")
-    return state.instance
+@pytest.mark.parametrize("name", list(suite.CASES))
+async def test_content_conformance(name: str, tmp_path: Path) -> None:
+    await suite.run_case(name, plugin_factory(PLUGIN), tmp_path)
+
+
+async def test_plugin_keeps_its_blobs_under_its_own_root(tmp_path: Path) -> None:
+    async with plugin_instance(PLUGIN, tmp_path) as store:
+        assert isinstance(store, LocalContentStore) and isinstance(store, ContentStore)
+        assert (tmp_path / "root" / PLUGIN / "blobs").is_dir()
+
+
+# -- the suite can fail -----------------------------------------------------------
+
+
+class IgnoresFieldpaths(LocalContentStore):
+    """update() replaces every label, whatever fieldpaths say."""
+
+    async def update(self, info: ContentInfo, fieldpaths: Sequence[str] = ()) -> ContentInfo:
+        return await super().update(info)
 
 
 @pytest.fixture
-async def factory() -> AsyncIterator[StoreFactory]:
-    registries: list[Registry] = []
+async def broken() -> AsyncIterator[suite.StoreFactory]:
+    """The plain-coroutine form of a factory: its stores are closed here, not by the suite."""
+    opened: list[LocalContentStore] = []
 
     async def make(root: Path) -> ContentStore:
-        registry = Registry()
-        registry.load_entrypoints()
-        registries.append(registry)
-        store = await _init_only(registry, PLUGIN, root)
-        assert isinstance(store, ContentStore)
+        store = await IgnoresFieldpaths.open(root)
+        opened.append(store)
         return store
 
-    try:
-        yield make
-    finally:
-        for registry in reversed(registries):
-            assert await registry.close_all() == []
+    yield make
+    for store in opened:
+        await store.close()
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-async def test_content_conformance(name: str, factory: StoreFactory, tmp_path: Path) -> None:
-    await CASES[name](factory, tmp_path / "root")
+async def test_suite_catches_a_broken_store_and_reports_each_case(
+    broken: suite.StoreFactory, tmp_path: Path
+) -> None:
+    complaint = r"update of a field other than labels: returned ContentInfo\(.*\), expected InvalidArgument"
+    with pytest.raises(suite.ConformanceError, match=complaint):
+        await suite.run_case("labels", broken, tmp_path / "direct")
+    results: list[suite.Result] = []
+    out = await suite.run_suite(
+        broken, tmp_path / "all", names=["labels", "small_blob"], report=results.append
+    )
+    assert out == results
+    assert [(r.name, r.status) for r in out] == [("labels", "fail"), ("small_blob", "pass")]
+    assert out[0].message.startswith("ConformanceError: ")
 
 
-async def test_plugin_exports_its_root(factory: StoreFactory, tmp_path: Path) -> None:
-    registry = Registry()
-    registry.load_entrypoints()
-    try:
-        await _init_only(registry, PLUGIN, tmp_path / "root")
-        state = registry.state(PLUGIN)
-        assert state.exports == {"root": str(tmp_path / "root" / PLUGIN)}
-        assert (tmp_path / "root" / PLUGIN / "blobs").is_dir()
-    finally:
-        assert await registry.close_all() == []
+async def test_unknown_case_and_wrong_factory(tmp_path: Path) -> None:
+    with pytest.raises(KeyError, match="no content conformance case 'nope'"):
+        await suite.run_case("nope", plugin_factory(PLUGIN), tmp_path)
+
+    async def not_a_store(root: Path) -> object:
+        return object()
+
+    with pytest.raises(suite.ConformanceError, match="returned object, not a ContentStore"):
+        await suite.run_case("small_blob", not_a_store, tmp_path)  # type: ignore[arg-type]
