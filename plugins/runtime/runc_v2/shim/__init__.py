@@ -1,0 +1,1 @@
+"""berth-shim-runc-v2: the per-pod shim process (containerd shim v2 model, ttrpc)."""
