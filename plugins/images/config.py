@@ -54,6 +54,14 @@ class ImagesConfig(RegistryConfig):
             "Layers are unpacked in order while they download, whatever this is."
         ),
     )
+    tee_backlog: int = field(
+        default=4 << 20,
+        metadata=_doc(
+            "Bytes of a layer that may arrive before the layer under it is unpacked and still be "
+            "applied live from the download (beyond that, it is applied from the content store "
+            "once downloaded). 0 turns live apply off (benchmarks compare with it)."
+        ),
+    )
     pull_lease_expiry: float = field(
         default=24 * 3600.0,
         metadata=_doc(
@@ -74,5 +82,7 @@ class ImagesConfig(RegistryConfig):
             raise ValueError(
                 f"max_concurrent_downloads: expected at least 1, got {self.max_concurrent_downloads}"
             )
+        if self.tee_backlog < 0:
+            raise ValueError(f"tee_backlog: expected bytes >= 0, got {self.tee_backlog}")
         if self.pull_lease_expiry <= 0:
             raise ValueError(f"pull_lease_expiry: expected a number > 0, got {self.pull_lease_expiry}")

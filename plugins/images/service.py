@@ -100,7 +100,11 @@ class ImageService:
         self.client = client or RegistryClient.from_config(self.config)
         self._own_client = client is None
         self.puller = Puller(
-            db, applier, self.client, max_concurrent_downloads=self.config.max_concurrent_downloads
+            db,
+            applier,
+            self.client,
+            max_concurrent_downloads=self.config.max_concurrent_downloads,
+            tee_backlog=self.config.tee_backlog,
         )
         self._pulls: dict[tuple[object, ...], _PullJob] = {}
 
