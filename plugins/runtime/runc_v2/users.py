@@ -1,0 +1,259 @@
+"""Who a container runs as: the image's user string resolved against its own /etc/passwd and /etc/group.
+
+The files are read from the container's rootfs, which the image author
+controls, so they are opened the way the diff applier opens layer paths: one
+component at a time from a directory fd on the rootfs, never letting the
+kernel follow a symlink. A symlink met on the way is read and walked again
+from the rootfs (absolute targets restart at the rootfs, ``..`` stops there),
+so ``/etc/passwd -> /etc/shadow`` means the rootfs's shadow, and nothing
+resolves to the host's files. Only regular files are read, and only so much
+of them (a FIFO or ``/dev/zero`` planted there cannot hang or exhaust us).
+
+The semantics are containerd's ``WithUser``/``WithUserID``/``WithAdditionalGIDs``
+(the OCI image spec's ``User`` forms ``user``, ``uid``, ``user:group``,
+``uid:gid``, ``uid:group``, ``user:gid``): a name must exist; a bare uid that
+the image does not list runs with gid 0; supplementary groups are the groups
+listing the user by name, plus the primary gid (CVE-2023-25173).
+
+Blocking: reads files; callers on the event loop use ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass, field
+
+from daemon.errors import FailedPrecondition, InvalidArgument, NotFound
+
+#: Symlinks followed while resolving one path (Linux's MAXSYMLINKS).
+MAX_SYMLINKS = 40
+#: Largest passwd/group file read; anything bigger is refused, not truncated.
+MAX_FILE_BYTES = 4 << 20
+MAX_ID = 2**32 - 2  # (uid_t)-1 means "no change" to the kernel
+
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+
+
+@dataclass(frozen=True)
+class User:
+    """A resolved user: what goes in the spec's ``process.user`` (and HOME)."""
+
+    uid: int
+    gid: int
+    additional_gids: tuple[int, ...] = field(default=())
+    home: str = "/"
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class PasswdEntry:
+    name: str
+    uid: int
+    gid: int
+    home: str
+
+
+@dataclass(frozen=True)
+class GroupEntry:
+    name: str
+    gid: int
+    members: tuple[str, ...]
+
+
+def open_in_root(root: str, path: str) -> int:
+    """An fd (O_RDONLY) on ``path`` resolved inside ``root``; symlinks never leave it.
+
+    Raises FileNotFoundError when a component is missing, NotADirectoryError,
+    and OSError(ELOOP) after :data:`MAX_SYMLINKS` links. The fd is the
+    caller's to close.
+    """
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    stack = [root_fd]
+    todo = list(reversed(path.split("/")))
+    links = 0
+    try:
+        while todo:
+            name = todo.pop()
+            if name in ("", "."):
+                continue
+            if name == "..":
+                if len(stack) > 1:
+                    os.close(stack.pop())
+                continue
+            last = not any(part not in ("", ".") for part in todo)
+            try:
+                fd = os.open(name, _O_FILE if last else _O_DIR, dir_fd=stack[-1])
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                st = os.lstat(name, dir_fd=stack[-1])
+                if not stat.S_ISLNK(st.st_mode):
+                    raise
+                links += 1
+                if links > MAX_SYMLINKS:
+                    raise OSError(errno.ELOOP, "too many levels of symbolic links", path) from None
+                target = os.readlink(name, dir_fd=stack[-1])
+                if target.startswith("/"):
+                    while len(stack) > 1:
+                        os.close(stack.pop())
+                todo.extend(reversed(target.split("/")))
+                continue
+            if last:
+                return fd
+            stack.append(fd)
+        # the path named a directory (or the root itself)
+        return os.dup(stack[-1])
+    finally:
+        for fd in stack:
+            os.close(fd)
+
+
+def read_in_root(root: str, path: str) -> str | None:
+    """The text of the regular file ``path`` inside ``root``, or None when it does not exist."""
+    try:
+        fd = open_in_root(root, path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise FailedPrecondition(f"rootfs {root!r}: {path}: {exc.strerror}") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FailedPrecondition(f"rootfs {root!r}: {path}: not a regular file")
+        if st.st_size > MAX_FILE_BYTES:
+            raise FailedPrecondition(f"rootfs {root!r}: {path}: larger than {MAX_FILE_BYTES} bytes")
+        data = os.read(fd, MAX_FILE_BYTES + 1)
+    finally:
+        os.close(fd)
+    return data.decode("utf-8", errors="replace")
+
+
+def _parse_id(text: str) -> int | None:
+    if not text.isascii() or not text.isdigit():
+        return None
+    value = int(text)
+    return value if value <= MAX_ID else None
+
+
+def parse_passwd(text: str) -> list[PasswdEntry]:
+    """``name:password:uid:gid:gecos:home:shell`` lines; malformed lines are skipped, as libc does."""
+    entries = []
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        fields = line.split(":")
+        if len(fields) < 4:
+            continue
+        uid, gid = _parse_id(fields[2]), _parse_id(fields[3])
+        if uid is None or gid is None:
+            continue
+        home = fields[5] if len(fields) > 5 and fields[5] else "/"
+        entries.append(PasswdEntry(fields[0], uid, gid, home))
+    return entries
+
+
+def parse_group(text: str) -> list[GroupEntry]:
+    """``name:password:gid:member,member`` lines; malformed lines are skipped."""
+    entries = []
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        fields = line.split(":")
+        if len(fields) < 3:
+            continue
+        gid = _parse_id(fields[2])
+        if gid is None:
+            continue
+        members = tuple(m for m in fields[3].split(",") if m) if len(fields) > 3 else ()
+        entries.append(GroupEntry(fields[0], gid, members))
+    return entries
+
+
+def _passwd(rootfs: str) -> list[PasswdEntry] | None:
+    text = read_in_root(rootfs, "/etc/passwd")
+    return None if text is None else parse_passwd(text)
+
+
+def _groups(rootfs: str) -> list[GroupEntry] | None:
+    text = read_in_root(rootfs, "/etc/group")
+    return None if text is None else parse_group(text)
+
+
+def _user_by_name(rootfs: str, name: str, spec: str) -> PasswdEntry:
+    entries = _passwd(rootfs)
+    if entries is None:
+        raise NotFound(f"user {spec!r}: rootfs {rootfs!r} has no /etc/passwd to look up {name!r}")
+    for entry in entries:
+        if entry.name == name:
+            return entry
+    raise NotFound(f"user {spec!r}: no user {name!r} in /etc/passwd of rootfs {rootfs!r}")
+
+
+def _gid_by_name(rootfs: str, name: str, spec: str) -> int:
+    entries = _groups(rootfs)
+    if entries is None:
+        raise NotFound(f"user {spec!r}: rootfs {rootfs!r} has no /etc/group to look up {name!r}")
+    for entry in entries:
+        if entry.name == name:
+            return entry.gid
+    raise NotFound(f"user {spec!r}: no group {name!r} in /etc/group of rootfs {rootfs!r}")
+
+
+def _check_id(text: str, what: str, spec: str) -> int | None:
+    """The id when ``text`` is numeric (a name otherwise); out-of-range numbers are an error."""
+    if text.isascii() and text.isdigit():
+        value = int(text)
+        if value > MAX_ID:
+            raise InvalidArgument(f"user {spec!r}: {what} {value} out of range (max {MAX_ID})")
+        return value
+    if not text:
+        raise InvalidArgument(f"user {spec!r}: empty {what}")
+    return None
+
+
+def resolve_user(rootfs: str, spec: str) -> User:
+    """Resolve an OCI image ``User`` string (``""`` is root) inside ``rootfs``.
+
+    Raises NotFound naming the user and the rootfs when a *name* is not
+    listed, InvalidArgument for a malformed string, FailedPrecondition when
+    /etc/passwd or /etc/group cannot be read safely (symlink loop, not a
+    regular file).
+    """
+    parts = spec.split(":") if spec else ["0"]
+    if len(parts) > 2:
+        raise InvalidArgument(f"user {spec!r}: expected user, uid, user:group or uid:gid")
+    uid = _check_id(parts[0], "uid", spec)
+    gid = _check_id(parts[1], "gid", spec) if len(parts) == 2 else None
+    entry: PasswdEntry | None = None
+    if uid is None:
+        entry = _user_by_name(rootfs, parts[0], spec)
+        uid = entry.uid
+    else:
+        entries = _passwd(rootfs) or []
+        entry = next((e for e in entries if e.uid == uid), None)
+    if len(parts) == 2:
+        if gid is None:
+            gid = _gid_by_name(rootfs, parts[1], spec)
+    else:
+        gid = entry.gid if entry is not None else 0
+    home = entry.home if entry is not None else "/"
+    name = entry.name if entry is not None else ""
+    return User(uid, gid, additional_gids(rootfs, name, gid), home, name)
+
+
+def additional_gids(rootfs: str, username: str, primary_gid: int) -> tuple[int, ...]:
+    """The primary gid, then every group listing ``username`` as a member (rootfs's /etc/group).
+
+    A user the image does not name (``username`` empty) gets only the
+    primary gid. A group named like the user is not a *supplementary* group
+    and is skipped (containerd's filter).
+    """
+    gids = [primary_gid]
+    if username:
+        for group in _groups(rootfs) or []:
+            if group.name != username and username in group.members and group.gid not in gids:
+                gids.append(group.gid)
+    return tuple(gids)
