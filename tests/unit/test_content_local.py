@@ -336,24 +336,27 @@ class Ticker:
 
 
 async def test_100_mb_never_blocks_the_event_loop(store: LocalContentStore) -> None:
+    # Work done on the loop lets no tick through at all; 100 MB takes tens of
+    # milliseconds, so a loop left free ticks many times. Two is the margin
+    # that stays true on a machine busy with other work.
     size = 100 * 1024 * 1024
     data = bytes(range(256)) * (size // 256)
     digest = sha256(data)
     with Ticker() as ticker:
         writer = await store.writer("big", total=size, expected=digest)
         _, ticks = await ticker.during(writer.write(data))  # one call: write and hash 100 MB
-        assert ticks >= 5, "write(100 MB)"
+        assert ticks >= 2, "write(100 MB)"
         await writer.close()
         writer, ticks = await ticker.during(store.writer("big", total=size, expected=digest))
-        assert ticks >= 5, "resume: re-hashing 100 MB"
+        assert ticks >= 2, "resume: re-hashing 100 MB"
         assert writer.offset == size
         got, ticks = await ticker.during(writer.commit(expected="sha512:" + hashlib.sha512(data).hexdigest()))
-        assert ticks >= 5, "commit: fsync and hashing again with sha512"
+        assert ticks >= 2, "commit: fsync and hashing again with sha512"
         assert got.startswith("sha512:")
         reader = await store.reader(got)
         try:
             read, ticks = await ticker.during(reader.read_at(0, size))
-            assert ticks >= 5, "read_at(0, 100 MB)"
+            assert ticks >= 2, "read_at(0, 100 MB)"
             assert len(read) == size
         finally:
             await reader.close()
