@@ -510,6 +510,7 @@ class SnapshotDirs:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.snapshots = self.root / "snapshots"
+        self._snapshots_str = str(self.snapshots)
         self.staging = self.root / "staging"
         self.trash = self.root / "trash"
         self._staged: set[str] = set()
@@ -523,6 +524,10 @@ class SnapshotDirs:
 
     def fs(self, sid: int) -> Path:
         return self.snapshots / str(sid) / "fs"
+
+    def fs_str(self, sid: int) -> str:
+        """``str(fs(sid))`` without pathlib: mount options of deep chains build hundreds of these."""
+        return f"{self._snapshots_str}/{sid}/fs"
 
     def work(self, sid: int) -> Path:
         return self.snapshots / str(sid) / "work"

@@ -139,7 +139,7 @@ class OverlaySnapshotter(StoredSnapshotter):
         fs = str(self._dirs.fs(snap.id))
         if not snap.parent_ids:
             return [Mount("bind", fs, options=("ro" if snap.kind is Kind.VIEW else "rw", "rbind"))]
-        lower = "lowerdir=" + ":".join(str(self._dirs.fs(p)) for p in snap.parent_ids)
+        lower = "lowerdir=" + ":".join([self._dirs.fs_str(p) for p in snap.parent_ids])
         if snap.kind is Kind.ACTIVE:
             work = str(self._dirs.work(snap.id))
             options = (*self._options, f"workdir={work}", f"upperdir={fs}", lower)
