@@ -126,7 +126,8 @@ class TtrpcClient:
     async def close(self) -> None:
         """Close the connection; pending calls fail with Unavailable."""
         self._fail(Unavailable(f"ttrpc {self._path}: client closed"))
-        self._receiver.cancel()
+        if not self._receiver.done():
+            self._receiver.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._receiver
         await self._close_writer()
@@ -175,7 +176,9 @@ class TtrpcClient:
             log.exception("ttrpc.client_receive_failed", path=self._path)
             reason = f"protocol error: {exc}"
         self._fail(Unavailable(f"ttrpc {self._path}: {reason}"))
-        await self._close_writer()
+        # Close without waiting: waiting here would share the transport's close
+        # waiter with close(), and cancelling this task would cancel it for both.
+        self._writer.close()
 
     def _settle_error(self, sid: int, exc: BerthError) -> None:
         future = self._pending.get(sid)
