@@ -2,7 +2,8 @@
 
 Everything berth records about objects lives here, scoped by namespace as in
 containerd's metadata package: namespaces, leases, images
-(:mod:`~daemon.metadata.images`), content records over a namespace-agnostic
+(:mod:`~daemon.metadata.images`), containers (:mod:`~daemon.metadata.containers`),
+content records over a namespace-agnostic
 content store (:mod:`~daemon.metadata.content`), snapshot records over
 snapshotter backends (:mod:`~daemon.metadata.snapshots`), and the garbage
 collector that removes what nothing references (:mod:`~daemon.metadata.gc`).
@@ -33,6 +34,7 @@ Using the store itself::
 * Input rules (identifiers, labels, digests): :mod:`daemon.metadata.validate`.
 """
 
+from daemon.metadata.containers import Container, ContainerStore, Runtime, TypedValue, container_roots
 from daemon.metadata.content import ContentView, NamespacedContent
 from daemon.metadata.db import MetadataDB
 from daemon.metadata.gc import DEFAULT_ROOTS, GCScheduler, GCSummary, Node, RootProvider, SweepLock, collect
@@ -48,6 +50,8 @@ __all__ = [
     "LATEST_VERSION",
     "MIGRATIONS",
     "NAMESPACED_TABLES",
+    "Container",
+    "ContainerStore",
     "ContentView",
     "GCScheduler",
     "GCSummary",
@@ -65,7 +69,10 @@ __all__ = [
     "NamespacedSnapshotter",
     "Node",
     "RootProvider",
+    "Runtime",
     "SnapshotterView",
     "SweepLock",
+    "TypedValue",
     "collect",
+    "container_roots",
 ]

@@ -6,6 +6,7 @@ once, so that no service can forget a step::
     db = await MetadataDB.open(root / "meta.db", content=local_store,
                                snapshotters={"overlayfs": overlay, "native": native})
     await db.images.create("k8s.io", image)           # ImageStore
+    await db.containers.create("k8s.io", container)   # ContainerStore
     cs = db.content.namespace("k8s.io", lease="pull-1")  # NamespacedContent -> a ContentStore
     sn = db.snapshotter("overlayfs").namespace("k8s.io") # NamespacedSnapshotter -> a Snapshotter
     db.start()                                        # one collection soon (crash leftovers)
@@ -22,8 +23,10 @@ What the wiring guarantees:
 * A collection covers the content backend and *every* wrapped snapshotter:
   a backend object is only removed once no record of any namespace names it
   (see :mod:`daemon.metadata.gc` for the order and why it is crash safe).
-* Code that keeps objects alive through its own records (the containers
-  table) adds a root provider with :meth:`add_roots` before the first
+* Containers keep their snapshot and the objects their ``gc.ref`` labels
+  name (:func:`~daemon.metadata.containers.container_roots` is always a
+  root provider). Other code that keeps objects alive through its own
+  records adds a root provider with :meth:`add_roots` before the first
   collection can miss them, i.e. during its plugin's init.
 
 The backends are not owned: whoever opened them closes them, after
@@ -39,6 +42,7 @@ from pathlib import Path
 import structlog
 
 from daemon.errors import InvalidArgument, NotFound
+from daemon.metadata.containers import ContainerStore, container_roots
 from daemon.metadata.content import NamespacedContent
 from daemon.metadata.gc import DEFAULT_ROOTS, GCScheduler, GCSummary, RootProvider, collect
 from daemon.metadata.images import ImageStore
@@ -59,7 +63,7 @@ class MetadataDB:
     """The metadata store with its content and snapshotters wrapped by namespace, and its collector.
 
     Attributes: :attr:`store` (the :class:`MetadataStore`), :attr:`namespaces`,
-    :attr:`leases`, :attr:`images`, :attr:`content`, :attr:`snapshotters`
+    :attr:`leases`, :attr:`images`, :attr:`containers`, :attr:`content`, :attr:`snapshotters`
     (wrapped snapshotters by id) and :attr:`gc`.
     """
 
@@ -78,12 +82,14 @@ class MetadataDB:
         self.namespaces: NamespaceStore = store.namespaces
         self.leases: LeaseStore = store.leases
         self.images = ImageStore(store, on_delete=self.request_gc)
+        self.containers = ContainerStore(store, on_delete=self.request_gc)
         self.content = NamespacedContent(store, content, on_delete=self.request_gc)
         self.snapshotters: dict[str, NamespacedSnapshotter] = {
             name: NamespacedSnapshotter(store, name, backend, on_remove=self.request_gc)
             for name, backend in sorted(snapshotters.items())
         }
-        self._roots: list[RootProvider] = list(roots)
+        # A container keeps its snapshot and what its gc.ref labels name, whatever ``roots`` says.
+        self._roots: list[RootProvider] = [*roots, container_roots]
         self.gc = GCScheduler(self.collect, delay=gc_delay)
 
     @classmethod

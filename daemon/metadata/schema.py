@@ -187,6 +187,36 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        4,
+        "containers",
+        (
+            # A container is metadata only (containerd's containers.Store): the
+            # spec, runtime options and extensions are protobuf Any values kept
+            # as (type URL, bytes), never decoded here. ``extensions`` is a JSON
+            # object of name -> {"type_url", "value" (base64)}.
+            """
+            CREATE TABLE containers (
+                namespace TEXT NOT NULL REFERENCES namespaces (name) ON DELETE RESTRICT,
+                id TEXT NOT NULL,
+                labels TEXT NOT NULL DEFAULT '{}',
+                image TEXT NOT NULL DEFAULT '',
+                runtime_name TEXT NOT NULL,
+                runtime_options_type TEXT,
+                runtime_options_value BLOB,
+                spec_type TEXT,
+                spec_value BLOB,
+                snapshotter TEXT NOT NULL DEFAULT '',
+                snapshot_key TEXT NOT NULL DEFAULT '',
+                extensions TEXT NOT NULL DEFAULT '{}',
+                sandbox TEXT NOT NULL DEFAULT '',
+                created_at INTEGER NOT NULL,
+                updated_at INTEGER NOT NULL,
+                PRIMARY KEY (namespace, id)
+            ) WITHOUT ROWID
+            """,
+        ),
+    ),
 )
 
 #: Every table whose rows belong to a namespace, with the noun used in the
@@ -198,6 +228,7 @@ NAMESPACED_TABLES: tuple[tuple[str, str], ...] = (
     ("content", "content"),
     ("ingests", "ingests"),
     ("snapshots", "snapshots"),
+    ("containers", "containers"),
 )
 
 LATEST_VERSION = len(MIGRATIONS)

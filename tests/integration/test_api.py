@@ -42,6 +42,7 @@ BUILTINS = {
     "berth.snapshotter.v1.native",
     "berth.diff.v1.tar",
     "berth.grpc.v1.content",
+    "berth.grpc.v1.containers",
     "berth.grpc.v1.snapshots",
     "berth.grpc.v1.images",
     "berth.grpc.v1.diff",
