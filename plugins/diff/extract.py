@@ -54,9 +54,9 @@ from daemon.errors import (
     PermissionDenied,
     ResourceExhausted,
 )
+from daemon.pathsafe import O_DIR
 from plugins.diff.decompress import HashingReader
 from plugins.diff.secure import (
-    O_DIR,
     OPAQUE_XATTR,
     OVERLAY_XATTR_PREFIX,
     Dir,

@@ -1,13 +1,10 @@
 """The snapshot tree a layer is written into, opened so that nothing escapes it.
 
-Every path is walked from a directory fd held on the snapshot root, one
-component at a time, with ``O_NOFOLLOW | O_DIRECTORY``: the kernel never
-follows a symlink for us. When a component *is* a symlink (the layer, or a
-lower layer, put it there), its target is read and walked the same way from
-the root fd, absolute targets restarting at the root and ``..`` stopping at
-it: the scoped resolution of containerd's ``fs.RootPath`` (and of
-``openat2(RESOLVE_IN_ROOT)``), so ``lib -> usr/lib`` works as images expect
-and ``evil -> /etc`` means ``<root>/etc``, never the host's.
+Every path is walked from a directory fd held on the snapshot root with
+:func:`daemon.pathsafe.walk`: one component at a time, ``O_NOFOLLOW``, a
+symlink (the layer, or a lower layer, put it there) walked again from the
+root fd, so ``lib -> usr/lib`` works as images expect and ``evil -> /etc``
+means ``<root>/etc``, never the host's.
 
 Overlay form: the tree is the snapshot's upper dir; the lower dirs are read
 (never written) to know what the merged view holds, the way overlayfs looks
@@ -31,13 +28,12 @@ from enum import Enum
 
 import structlog
 
+from daemon.pathsafe import O_DIR, walk
+
 log = structlog.get_logger("berth.diff")
 
-O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 OPAQUE_XATTR = "trusted.overlay.opaque"
 OVERLAY_XATTR_PREFIX = "trusted.overlay."
-#: Symlinks followed while resolving one path (Linux's MAXSYMLINKS).
-MAX_SYMLINKS = 40
 
 
 class Resolve(Enum):
@@ -148,35 +144,13 @@ class Tree:
         if mode is Resolve.CREATE and self._cache is not None and self._cache[0] == key:
             hit = self._cache[1]
             return Dir(os.dup(hit.fd), hit.parts, hit.lowers)
-        stack: list[Dir] = [self.root]
-        todo = list(reversed(key))
-        links = 0
-        try:
-            while todo:
-                name = todo.pop()
-                if name in ("", "."):
-                    continue
-                if name == "..":
-                    if len(stack) > 1:
-                        stack.pop().close()
-                    continue
-                step = self._step(stack[-1], name, mode)
-                if step is None:
-                    return None
-                if isinstance(step, Dir):
-                    stack.append(step)
-                    continue
-                links += 1
-                if links > MAX_SYMLINKS:
-                    raise OSError(errno.ELOOP, "too many levels of symbolic links", "/".join(key))
-                if step.startswith("/"):
-                    while len(stack) > 1:
-                        stack.pop().close()
-                todo.extend(reversed(step.split("/")))
-            found = stack.pop() if len(stack) > 1 else Dir(os.dup(self.root.fd), (), self.root.lowers)
-        finally:
-            for d in stack[1:]:
-                d.close()
+        found = walk(
+            self.root, key, lambda cur, name, _last: self._step(cur, name, mode), Dir.close, "/".join(key)
+        )
+        if found is None:
+            return None
+        if found is self.root:
+            found = Dir(os.dup(self.root.fd), (), self.root.lowers)
         if mode is Resolve.CREATE:
             self.invalidate()
             self._cache = (key, Dir(os.dup(found.fd), found.parts, found.lowers))

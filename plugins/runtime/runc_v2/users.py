@@ -1,13 +1,11 @@
 """Who a container runs as: the image's user string resolved against its own /etc/passwd and /etc/group.
 
 The files are read from the container's rootfs, which the image author
-controls, so they are opened the way the diff applier opens layer paths: one
-component at a time from a directory fd on the rootfs, never letting the
-kernel follow a symlink. A symlink met on the way is read and walked again
-from the rootfs (absolute targets restart at the rootfs, ``..`` stops there),
-so ``/etc/passwd -> /etc/shadow`` means the rootfs's shadow, and nothing
-resolves to the host's files. Only regular files are read, and only so much
-of them (a FIFO or ``/dev/zero`` planted there cannot hang or exhaust us).
+controls, so they are opened with :func:`daemon.pathsafe.open_in_root`, the
+scoped resolution the diff applier uses for layer paths: a symlink met on the
+way is walked again from the rootfs, so ``/etc/passwd -> /etc/shadow`` means
+the rootfs's shadow, and nothing resolves to the host's files. Only regular
+files are read, and only so much of them (a FIFO or ``/dev/zero`` planted there cannot hang or exhaust us).
 
 The semantics are containerd's ``WithUser``/``WithUserID``/``WithAdditionalGIDs``
 (the OCI image spec's ``User`` forms ``user``, ``uid``, ``user:group``,
@@ -20,21 +18,16 @@ Blocking: reads files; callers on the event loop use ``asyncio.to_thread``.
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 from dataclasses import dataclass, field
 
 from daemon.errors import FailedPrecondition, InvalidArgument, NotFound
+from daemon.pathsafe import open_in_root
 
-#: Symlinks followed while resolving one path (Linux's MAXSYMLINKS).
-MAX_SYMLINKS = 40
 #: Largest passwd/group file read; anything bigger is refused, not truncated.
 MAX_FILE_BYTES = 4 << 20
 MAX_ID = 2**32 - 2  # (uid_t)-1 means "no change" to the kernel
-
-_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 
 
 @dataclass(frozen=True)
@@ -61,54 +54,6 @@ class GroupEntry:
     name: str
     gid: int
     members: tuple[str, ...]
-
-
-def open_in_root(root: str, path: str) -> int:
-    """An fd (O_RDONLY) on ``path`` resolved inside ``root``; symlinks never leave it.
-
-    Raises FileNotFoundError when a component is missing, NotADirectoryError,
-    and OSError(ELOOP) after :data:`MAX_SYMLINKS` links. The fd is the
-    caller's to close.
-    """
-    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    stack = [root_fd]
-    todo = list(reversed(path.split("/")))
-    links = 0
-    try:
-        while todo:
-            name = todo.pop()
-            if name in ("", "."):
-                continue
-            if name == "..":
-                if len(stack) > 1:
-                    os.close(stack.pop())
-                continue
-            last = not any(part not in ("", ".") for part in todo)
-            try:
-                fd = os.open(name, _O_FILE if last else _O_DIR, dir_fd=stack[-1])
-            except OSError as exc:
-                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
-                    raise
-                st = os.lstat(name, dir_fd=stack[-1])
-                if not stat.S_ISLNK(st.st_mode):
-                    raise
-                links += 1
-                if links > MAX_SYMLINKS:
-                    raise OSError(errno.ELOOP, "too many levels of symbolic links", path) from None
-                target = os.readlink(name, dir_fd=stack[-1])
-                if target.startswith("/"):
-                    while len(stack) > 1:
-                        os.close(stack.pop())
-                todo.extend(reversed(target.split("/")))
-                continue
-            if last:
-                return fd
-            stack.append(fd)
-        # the path named a directory (or the root itself)
-        return os.dup(stack[-1])
-    finally:
-        for fd in stack:
-            os.close(fd)
 
 
 def read_in_root(root: str, path: str) -> str | None:

@@ -127,8 +127,10 @@ class TaskService:
             os.close(stdout)
             os.close(stderr)
         if status != 0:
-            raise Internal(f"task {request.id!r}: runc create: {_runc_error(bundle)}")
-        pid = int(pid_file.read_text().strip())
+            raise Internal(
+                f"task {request.id!r}: runc create: {await asyncio.to_thread(_runc_error, bundle)}"
+            )
+        pid = int((await asyncio.to_thread(pid_file.read_text)).strip())
         task = Task(request.id, str(bundle), pid, request.stdout, request.stderr)
         self._tasks[task.id] = task
         early = self._reaper.take(pid)
