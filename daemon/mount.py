@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import shutil
 import tempfile
@@ -55,7 +56,10 @@ _libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
 _libc.umount2.restype = ctypes.c_int
 
 
+@functools.cache
 def _mount_binary() -> str:
+    # Looked up once (a PATH walk of stat calls), not on every mount on the event loop;
+    # a failed lookup is not cached, so installing mount(8) later still works.
     found = shutil.which("mount") or ("/usr/bin/mount" if os.path.exists("/usr/bin/mount") else None)
     if found is None:
         raise FailedPrecondition("mount(8) from util-linux is not installed (not on PATH)")

@@ -51,7 +51,7 @@ cleanup removes the others. Committed snapshots are never touched by either.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import functools
 import os
 import shutil
 import sqlite3
@@ -75,6 +75,7 @@ from daemon.errors import (
     Unavailable,
 )
 from daemon.protocols import Kind, SnapshotInfo, Usage
+from daemon.sqlitethread import SqliteThread
 
 log = structlog.get_logger("berth.snapshotstore")
 
@@ -364,7 +365,7 @@ def _filter_fields(info: SnapshotInfo) -> dict[str, object]:
 # -- the store ----------------------------------------------------------------
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _connect(path: Path) -> tuple[sqlite3.Connection, int]:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
     try:
@@ -387,7 +388,7 @@ def _connect(path: Path) -> sqlite3.Connection:
     except BaseException:
         conn.close()
         raise
-    return conn
+    return conn, version or SCHEMA_VERSION
 
 
 def _job(conn: sqlite3.Connection, fn: Callable[[Transaction], T], writable: bool) -> T:
@@ -418,34 +419,25 @@ class MetaStore:
     every write.
     """
 
-    def __init__(self, path: Path, conn: sqlite3.Connection, executor: concurrent.futures.ThreadPoolExecutor):
+    def __init__(self, path: Path, thread: SqliteThread):
         self.path = path
-        self._conn = conn
-        self._executor = executor
+        self._thread = thread
         self._closed = False
 
     @classmethod
     async def open(cls, path: Path) -> MetaStore:
         """Open (creating it and its directory) the database at ``path``."""
         path = Path(path)
-        executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="berth-snapdb")
-        try:
-            conn = await asyncio.wrap_future(executor.submit(_connect, path))
-        except BaseException:
-            executor.shutdown(wait=False)
-            raise
-        log.debug("snapshotstore.open", path=str(path))
-        return cls(path, conn, executor)
+        thread, version = await SqliteThread.start("berth-snapdb", functools.partial(_connect, path))
+        log.debug("snapshotstore.open", path=str(path), schema_version=version)
+        return cls(path, thread)
 
     async def close(self) -> None:
         """Finish queued work and close; idempotent. Later calls raise Unavailable."""
         if self._closed:
             return
         self._closed = True
-        try:
-            await asyncio.wrap_future(self._executor.submit(self._conn.close))
-        finally:
-            self._executor.shutdown(wait=False)
+        await self._thread.close()
 
     async def read(self, fn: Callable[[Transaction], T]) -> T:
         """``fn(tx)`` in a read-only transaction (a write in it raises ``sqlite3.OperationalError``)."""
@@ -459,7 +451,7 @@ class MetaStore:
         if self._closed:
             raise Unavailable(f"snapshot database {self.path}: store is closed")
         try:
-            return await asyncio.wrap_future(self._executor.submit(_job, self._conn, fn, writable))
+            return await self._thread.run(lambda conn: _job(conn, fn, writable))
         except sqlite3.OperationalError as exc:
             code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
             if code in (5, 6):  # SQLITE_BUSY, SQLITE_LOCKED

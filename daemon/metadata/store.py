@@ -21,8 +21,7 @@ checks that with real ``kill -9``.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
+import functools
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +33,7 @@ from daemon.errors import BerthError, FailedPrecondition, InvalidArgument, Resou
 from daemon.metadata.leases import LeaseStore
 from daemon.metadata.namespaces import NamespaceStore
 from daemon.metadata.schema import migrate
+from daemon.sqlitethread import SqliteThread
 
 log = structlog.get_logger("berth.metadata")
 
@@ -88,11 +88,6 @@ def _connect(path: Path, synchronous: str) -> tuple[sqlite3.Connection, int]:
     return conn, version
 
 
-def _close_if_opened(opening: concurrent.futures.Future[tuple[sqlite3.Connection, int]]) -> None:
-    if opening.done() and not opening.cancelled() and opening.exception() is None:
-        opening.result()[0].close()
-
-
 def _read_job(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
     # One deferred transaction: every SELECT of fn sees the same snapshot.
     # query_only turns an accidental write into an error instead of a silent rollback.
@@ -137,14 +132,12 @@ class MetadataStore:
     def __init__(
         self,
         path: Path,
-        conn: sqlite3.Connection,
-        executor: concurrent.futures.ThreadPoolExecutor,
+        thread: SqliteThread,
         schema_version: int,
     ) -> None:
         self.path = path
         self.schema_version = schema_version
-        self._conn = conn
-        self._executor = executor
+        self._thread = thread
         self._closed = False
         self.namespaces = NamespaceStore(self)
         self.leases = LeaseStore(self, self.namespaces)
@@ -162,17 +155,9 @@ class MetadataStore:
             raise InvalidArgument(
                 f"synchronous {synchronous!r}: must be one of {', '.join(SYNCHRONOUS_MODES)}"
             )
-        executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="berth-metadata")
-        opening = executor.submit(_connect, path, sync)
-        try:
-            conn, version = await asyncio.wrap_future(opening)
-        except BaseException:
-            # Cancelled while the thread was still connecting: close what it opens.
-            executor.submit(_close_if_opened, opening)
-            executor.shutdown(wait=False)
-            raise
+        thread, version = await SqliteThread.start("berth-metadata", functools.partial(_connect, path, sync))
         log.info("metadata.open", path=str(path), schema_version=version, synchronous=sync)
-        return cls(path, conn, executor, version)
+        return cls(path, thread, version)
 
     async def close(self) -> None:
         """Wait for queued work, close the connection (checkpointing the WAL), stop the thread.
@@ -182,10 +167,7 @@ class MetadataStore:
         if self._closed:
             return
         self._closed = True
-        try:
-            await asyncio.wrap_future(self._executor.submit(self._conn.close))
-        finally:
-            self._executor.shutdown(wait=False)
+        await self._thread.close()
         log.info("metadata.close", path=str(self.path))
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -213,7 +195,7 @@ class MetadataStore:
         if self._closed:
             raise Unavailable(f"metadata database {self.path}: store is closed")
         try:
-            return await asyncio.wrap_future(self._executor.submit(job, self._conn, fn))
+            return await self._thread.run(lambda conn: job(conn, fn))
         except sqlite3.Error as exc:
             translated = _translate(exc)
             if translated is None:

@@ -29,6 +29,7 @@ from daemon.errors import BerthError
 from daemon.testsuite import content as content_suite
 from daemon.testsuite import loader
 from daemon.testsuite import snapshotter as snapshotter_suite
+from daemon.testsuite.runner import Result
 
 
 class _Case(Protocol):
@@ -38,13 +39,6 @@ class _Case(Protocol):
     def doc(self) -> str: ...
 
 
-class _Result(Protocol):
-    name: str
-    status: str
-    message: str
-    seconds: float
-
-
 @dataclass(frozen=True)
 class Suite:
     """What the runner needs of a suite module: its ``CASES``, its ``run_suite``, and its needs."""
@@ -52,7 +46,7 @@ class Suite:
     plugin_type: str
     cases: Mapping[str, _Case]
     #: ``run_suite(factory, base, *, names, report) -> results``
-    run: Callable[..., Awaitable[Sequence[_Result]]]
+    run: Callable[..., Awaitable[Sequence[Result]]]
     #: why the suite must run as root; empty if it need not
     needs_root: str = ""
 
@@ -126,7 +120,7 @@ async def _run(full_name: str, base: Path, args: argparse.Namespace) -> int:
         print(f"ERROR {full_name}: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
-    def report(r: _Result) -> None:
+    def report(r: Result) -> None:
         line = f"{r.status.upper():4} {r.name} ({r.seconds:.2f}s)"
         print(line + (f": {r.message}" if r.message else ""), flush=True)
 

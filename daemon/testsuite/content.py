@@ -40,7 +40,6 @@ import asyncio
 import dataclasses
 import hashlib
 import random
-import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from datetime import UTC, datetime
@@ -56,6 +55,7 @@ from daemon.errors import (
     Unavailable,
 )
 from daemon.protocols import ContentInfo, ContentStore, ContentWriter, IngestStatus
+from daemon.testsuite.runner import Result, run_cases
 
 #: What a case calls: ``async (root) -> ContentStore``.
 StoreFactory = Callable[[Path], Awaitable[ContentStore]]
@@ -924,14 +924,6 @@ async def run_case(name: str, factory: Factory, base: Path) -> None:
         await entry(store_at, root)
 
 
-@dataclasses.dataclass
-class Result:
-    name: str
-    status: str  # "pass" | "fail" (content cases never skip)
-    message: str = ""
-    seconds: float = 0.0
-
-
 async def run_suite(
     factory: Factory,
     base: Path,
@@ -939,20 +931,11 @@ async def run_suite(
     names: Sequence[str] = (),
     report: Callable[[Result], None] | None = None,
 ) -> list[Result]:
-    """Run the cases ``names`` (all by default), each in ``base/<name>``; never raises for a case."""
-    results = []
-    for name in names or list(CASES):
-        started = time.monotonic()
-        try:
-            await run_case(name, factory, base / name)
-            result = Result(name, "pass")
-        except Exception as exc:  # noqa: BLE001 - every failure is a result
-            result = Result(name, "fail", f"{type(exc).__name__}: {exc}")
-        result.seconds = time.monotonic() - started
-        results.append(result)
-        if report is not None:
-            report(result)
-    return results
+    """Run the cases ``names`` (all by default), each in ``base/<name>``; never raises for a case.
+
+    Content cases never skip: a result is "pass" or "fail".
+    """
+    return await run_cases(run_case, names or list(CASES), factory, base, report=report)
 
 
 __all__ = [

@@ -37,7 +37,6 @@ import hashlib
 import os
 import shutil
 import stat
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from datetime import UTC, datetime
@@ -47,6 +46,7 @@ from typing import TypeVar
 from daemon.errors import AlreadyExists, BerthError, FailedPrecondition, InvalidArgument, NotFound
 from daemon.mount import mount_points_under, mounted, unmount_all
 from daemon.protocols import Kind, Mount, SnapshotInfo, Snapshotter, Usage
+from daemon.testsuite.runner import Result, run_cases
 
 E = TypeVar("E", bound=BerthError)
 
@@ -346,14 +346,6 @@ async def run_case(name: str, factory: Factory, base: Path) -> None:
         raise SuiteFailure(f"case {name} left mounts behind (detached now): {leftover}")
 
 
-@dataclasses.dataclass
-class Result:
-    name: str
-    status: str  # "pass" | "fail" | "skip"
-    message: str = ""
-    seconds: float = 0.0
-
-
 async def run_suite(
     factory: Factory,
     base: Path,
@@ -362,21 +354,9 @@ async def run_suite(
     report: Callable[[Result], None] | None = None,
 ) -> list[Result]:
     """Run the cases ``names`` (all by default), each in ``base/<name>``; never raises for a case."""
-    results = []
-    for name in names or list(CASES):
-        started = time.monotonic()
-        try:
-            await run_case(name, factory, base / name)
-            result = Result(name, "pass")
-        except CaseSkipped as exc:
-            result = Result(name, "skip", str(exc))
-        except Exception as exc:  # noqa: BLE001 - every failure is a result
-            result = Result(name, "fail", f"{type(exc).__name__}: {exc}")
-        result.seconds = time.monotonic() - started
-        results.append(result)
-        if report is not None:
-            report(result)
-    return results
+    return await run_cases(
+        run_case, names or list(CASES), factory, base, skipped=(CaseSkipped,), report=report
+    )
 
 
 # -- helpers of the cases ---------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -21,15 +20,6 @@ from plugins.snapshotters.overlayfs.config import OverlayConfig
 from plugins.snapshotters.overlayfs.snapshotter import UPPERDIR_LABEL, OverlaySnapshotter
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
-
-
-@pytest.fixture
-async def base(tmp_path: Path) -> AsyncIterator[Path]:
-    yield tmp_path
-    leftover = mount_points_under(tmp_path)
-    for point in reversed(leftover):
-        await unmount_all(point, detach=True)
-    assert leftover == [], f"mounts left behind: {leftover}"
 
 
 async def _overlay(root: Path, **config: object) -> OverlaySnapshotter:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 
 from daemon.errors import FailedPrecondition, InvalidArgument
-from daemon.mount import mount_all, mount_points_under, unmount_all
+from daemon.mount import mount_all, mount_points_under
 from daemon.protocols import Mount
 from daemon.testsuite import snapshotter as suite
 from daemon.testsuite.loader import PluginSkipped, plugin_factory
@@ -25,16 +25,6 @@ from plugins.snapshotters.native.snapshotter import NativeSnapshotter
 PLUGINS = ("berth.snapshotter.v1.overlayfs", "berth.snapshotter.v1.native")
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the suite mounts filesystems: needs root")
-
-
-@pytest.fixture
-async def base(tmp_path: Path) -> AsyncIterator[Path]:
-    """tmp_path; afterwards nothing below it may still be mounted (detached, then the test fails)."""
-    yield tmp_path
-    leftover = mount_points_under(tmp_path)
-    for point in reversed(leftover):
-        await unmount_all(point, detach=True)
-    assert leftover == [], f"mounts left behind: {leftover}"
 
 
 #: Cases that do not apply to a plugin, and why (never a missing feature).

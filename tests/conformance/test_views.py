@@ -33,7 +33,6 @@ from daemon.errors import AlreadyExists, FailedPrecondition
 from daemon.metadata import MetadataDB
 from daemon.metadata.content import ContentView
 from daemon.metadata.snapshots import SnapshotterView
-from daemon.mount import mount_points_under, unmount_all
 from daemon.protocols import ContentStore, Snapshotter
 from daemon.testsuite import content as content_suite
 from daemon.testsuite import snapshotter as snapshotter_suite
@@ -47,16 +46,6 @@ LEASE = "conformance-suite"
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="the metadata plugin needs its snapshotters, which mount: needs root"
 )
-
-
-@pytest.fixture
-async def base(tmp_path: Path) -> AsyncIterator[Path]:
-    """tmp_path; afterwards nothing below it may still be mounted (detached, then the test fails)."""
-    yield tmp_path
-    leftover = mount_points_under(tmp_path)
-    for point in reversed(leftover):
-        await unmount_all(point, detach=True)
-    assert leftover == [], f"mounts left behind: {leftover}"
 
 
 @contextlib.asynccontextmanager

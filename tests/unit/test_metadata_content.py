@@ -19,15 +19,6 @@ DIGEST = sha256(DATA)
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[MetadataStore]:
-    s = await MetadataStore.open(tmp_path / "meta.db")
-    try:
-        yield s
-    finally:
-        await s.close()
-
-
-@pytest.fixture
 def backend() -> FakeContentStore:
     return FakeContentStore()
 

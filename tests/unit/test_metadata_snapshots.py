@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import pytest
 
 from daemon.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -13,15 +10,6 @@ from daemon.protocols import Kind, SnapshotInfo, Snapshotter, Usage
 from tests.unit.fakes import FakeSnapshotter
 
 LEASED = "snapshots/fake"
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[MetadataStore]:
-    s = await MetadataStore.open(tmp_path / "meta.db")
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 @pytest.fixture
