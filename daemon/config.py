@@ -53,6 +53,7 @@ log = structlog.get_logger("berth.config")
 
 CONFIG_VERSION = 1
 DEFAULT_CONFIG_PATH = "/etc/berth/config.toml"
+DEFAULT_GRPC_ADDRESS = "/run/berth/berth.sock"
 DEFAULT_IMPORTS = ("config.d/*.toml",)
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 UNIX_PREFIX = "unix://"
@@ -68,7 +69,7 @@ class GrpcConfig:
     """The main socket: CRI and the native API are served on it."""
 
     address: str = field(
-        default="/run/berth/berth.sock",
+        default=DEFAULT_GRPC_ADDRESS,
         metadata=_doc(
             "Unix socket the gRPC API (CRI and native services) is served on; an absolute path, "
             'optionally written with a "unix://" prefix.'

@@ -7,7 +7,6 @@ live one or a non-socket file.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import stat
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from aiohttp import web
 
 from daemon.errors import FailedPrecondition, InvalidArgument
 from daemon.metrics import CONTENT_TYPE, METRICS_PATH, MetricsRegistry
+from daemon.server import prepare_socket_path
 
 log = structlog.get_logger("berth.metrics")
 
@@ -78,7 +78,7 @@ class MetricsServer:
         await runner.setup()
         try:
             if addr.unix is not None:
-                await _clear_stale_socket(addr.unix)
+                prepare_socket_path(str(addr.unix), section="metrics")
                 await web.UnixSite(runner, str(addr.unix)).start()
                 server = cls(runner, url=f"unix://{addr.unix}", port=None, path=addr.unix)
             else:
@@ -106,34 +106,7 @@ class MetricsServer:
             _remove_socket_file(self.path)
 
 
-async def _clear_stale_socket(path: Path) -> None:
-    """Remove a socket file nobody listens on; refuse to touch a live socket or another file."""
-    if not _socket_file_exists(path):
-        return
-    try:
-        _, writer = await asyncio.open_unix_connection(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        _remove_socket_file(path)
-        log.info("metrics.stale_socket_removed", path=str(path))
-        return
-    writer.close()
-    await writer.wait_closed()
-    raise FailedPrecondition(f'metrics address "{path}": another process is listening on it')
-
-
-# Metadata-only file operations, instant even on a slow disk: called inline on purpose.
-
-
-def _socket_file_exists(path: Path) -> bool:
-    """Create the parent directory; whether a socket file is there (anything else is an error)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return False
-    if not stat.S_ISSOCK(st.st_mode):
-        raise FailedPrecondition(f'metrics address "{path}": exists and is not a socket')
-    return True
+# A metadata-only file operation, instant even on a slow disk: called inline on purpose.
 
 
 def _remove_socket_file(path: Path) -> None:

@@ -157,13 +157,16 @@ def normalize_address(address: str) -> str:
     return address.removeprefix("unix://")
 
 
-def prepare_socket_path(path: str) -> None:
+def prepare_socket_path(path: str, section: str = "grpc") -> None:
     """Make ``path`` bindable: create its directory, replace a stale socket.
 
     A socket file nobody answers on is stale (a killed daemon's) and is
     removed; one somebody answers on means another daemon owns the address,
-    and berthd refuses to steal it.
+    and berthd refuses to steal it; any other file is left alone. Errors name
+    the ``<section>.address`` config key the path came from. The probe is a
+    local connect that answers at once: done inline, at startup only.
     """
+    where = f"{section}.address {path}"
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
     try:
@@ -171,21 +174,21 @@ def prepare_socket_path(path: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise FailedPrecondition(f"grpc.address {path}: exists and is not a socket; refusing to replace it")
+        raise FailedPrecondition(f"{where}: exists and is not a socket; refusing to replace it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(1.0)
         probe.connect(path)
     except OSError as exc:
         if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-            raise FailedPrecondition(f"grpc.address {path}: cannot probe existing socket: {exc}") from exc
+            raise FailedPrecondition(f"{where}: cannot probe existing socket: {exc}") from exc
         p.unlink(missing_ok=True)
-        log.info("grpc.stale_socket_removed", address=path)
+        log.info(f"{section}.stale_socket_removed", address=path)
         return
     finally:
         probe.close()
     raise FailedPrecondition(
-        f"grpc.address {path}: already in use by another process (is another berthd running?)"
+        f"{where}: already in use: another process is listening on it (is another berthd running?)"
     )
 
 

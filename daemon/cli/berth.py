@@ -34,13 +34,12 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 from daemon import __version__
 from daemon.cli import output
 from daemon.cli.client import Client, DaemonUnreachable
-from daemon.cli.commands import CliError, Handler
+from daemon.cli.commands import CliError, Handler, remove_each
 from daemon.cli.commands import content as content_cmd
 from daemon.cli.commands import gc as gc_cmd
 from daemon.cli.commands import images as images_cmd
 from daemon.cli.commands import snapshots as snapshots_cmd
-
-DEFAULT_ADDRESS = "/run/berth/berth.sock"
+from daemon.config import DEFAULT_GRPC_ADDRESS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--address",
         "-a",
-        default=os.environ.get("BERTH_ADDRESS", DEFAULT_ADDRESS),
+        default=os.environ.get("BERTH_ADDRESS", DEFAULT_GRPC_ADDRESS),
         help="berthd socket (env BERTH_ADDRESS)",
     )
     p.add_argument(
@@ -152,7 +151,7 @@ async def _namespaces(c: Client, args: argparse.Namespace) -> None:
         else:
             output.table(
                 ["NAME", "LABELS"],
-                [[n.name, ",".join(f"{k}={v}" for k, v in sorted(n.labels.items()))] for n in spaces],
+                [[n.name, output.labels_text(dict(n.labels))] for n in spaces],
             )
     elif args.sub == "create":
         created = await c.create_namespace(args.name, _labels(args.labels))
@@ -162,17 +161,7 @@ async def _namespaces(c: Client, args: argparse.Namespace) -> None:
         updated = await c.label_namespace(args.name, labels)
         _report(args, {"name": updated.name, "labels": dict(updated.labels)}, updated.name)
     elif args.sub == "rm":
-        failed = False
-        for name in args.names:
-            try:
-                await c.delete_namespace(name)
-            except GRPCError as exc:
-                failed = True
-                print(f"berth: namespace {name}: {output.status_text(exc)}", file=sys.stderr)
-                continue
-            print(name)
-        if failed:
-            raise SystemExit(1)
+        await remove_each("namespace", args.names, c.delete_namespace)
 
 
 def _report(args: argparse.Namespace, data: Any, text: str) -> None:

@@ -16,17 +16,22 @@ import sys
 from pathlib import Path
 
 from daemon import __version__
-from daemon.config import Config, ConfigError, check_config, load_config, render_default
+from daemon.config import (
+    DEFAULT_CONFIG_PATH,
+    Config,
+    ConfigError,
+    check_config,
+    load_config,
+    render_default,
+)
 from daemon.errors import BerthError
 from daemon.logs import configure
 from daemon.registry import Registry
 
-DEFAULT_CONFIG = "/etc/berth/config.toml"
-
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="berthd", description="berth container daemon")
-    p.add_argument("--config", "-c", help=f"config file (default {DEFAULT_CONFIG} if it exists)")
+    p.add_argument("--config", "-c", help=f"config file (default {DEFAULT_CONFIG_PATH} if it exists)")
     p.add_argument("--root", help="persistent state directory (overrides config 'root')")
     p.add_argument("--state", help="runtime state directory (overrides config 'state')")
     p.add_argument("--address", "-a", help="gRPC unix socket (overrides config [grpc] address)")
@@ -54,7 +59,7 @@ def load_registry() -> Registry:
 def _config_path(args: argparse.Namespace) -> str | None:
     if args.config:
         return str(args.config)
-    return DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else None
+    return DEFAULT_CONFIG_PATH if Path(DEFAULT_CONFIG_PATH).exists() else None
 
 
 def _apply_overrides(cfg: Config, args: argparse.Namespace) -> None:
@@ -84,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         path = args.file or _config_path(args)
         if path is None:
-            print(f"berthd: no config file to check ({DEFAULT_CONFIG} does not exist)", file=sys.stderr)
+            print(f"berthd: no config file to check ({DEFAULT_CONFIG_PATH} does not exist)", file=sys.stderr)
             return 2
         problems = check_config(path, schemas, plugin_names=names)
         for line in problems:

@@ -11,8 +11,12 @@ before calling the daemon.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Awaitable, Callable
+import sys
+from collections.abc import Awaitable, Callable, Sequence
 
+from grpclib.exceptions import GRPCError
+
+from daemon.cli import output
 from daemon.cli.client import Client
 
 Handler = Callable[[Client, argparse.Namespace], Awaitable[None]]
@@ -22,4 +26,23 @@ class CliError(Exception):
     """A mistake in the command line or a local file; ``berth`` prints it as one line and exits 1."""
 
 
-__all__ = ["CliError", "Handler"]
+async def remove_each(kind: str, names: Sequence[str], remove: Callable[[str], Awaitable[object]]) -> None:
+    """Remove every name, printing each one removed; one refusal does not stop the rest.
+
+    Each refusal is printed as ``berth: <kind> <name>: <status>``; any refusal
+    makes ``berth`` exit 1 once all names were tried (as ``ctr ... rm`` does).
+    """
+    failed = False
+    for name in names:
+        try:
+            await remove(name)
+        except GRPCError as exc:
+            failed = True
+            print(f"berth: {kind} {name}: {output.status_text(exc)}", file=sys.stderr)
+            continue
+        print(name)
+    if failed:
+        raise SystemExit(1)
+
+
+__all__ = ["CliError", "Handler", "remove_each"]

@@ -7,11 +7,9 @@ import asyncio
 import sys
 from datetime import UTC, datetime
 
-from grpclib.exceptions import GRPCError
-
 from daemon.cli import output
 from daemon.cli.client import Client
-from daemon.cli.commands import Handler
+from daemon.cli.commands import Handler, remove_each
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> dict[str, Handler]:
@@ -35,7 +33,7 @@ async def run(c: Client, args: argparse.Namespace) -> None:
             await asyncio.to_thread(out.write, data)
         await asyncio.to_thread(out.flush)
     else:
-        await _rm(c, args.digests)
+        await remove_each("content", args.digests, c.delete_content)
 
 
 async def _ls(c: Client, args: argparse.Namespace) -> None:
@@ -73,17 +71,3 @@ async def _ls(c: Client, args: argparse.Namespace) -> None:
             for i in infos
         ],
     )
-
-
-async def _rm(c: Client, digests: list[str]) -> None:
-    failed = False
-    for digest in digests:
-        try:
-            await c.delete_content(digest)
-        except GRPCError as exc:
-            failed = True
-            print(f"berth: content {digest}: {output.status_text(exc)}", file=sys.stderr)
-            continue
-        print(digest)
-    if failed:
-        raise SystemExit(1)

@@ -22,7 +22,7 @@ from grpclib.exceptions import GRPCError
 
 from daemon.cli import output
 from daemon.cli.client import Client
-from daemon.cli.commands import CliError, Handler
+from daemon.cli.commands import CliError, Handler, remove_each
 from daemon.cli.imagetree import default_platform, default_snapshotter, read_tree
 from daemon.cli.progress import PlainPrinter, Printer, TtyPrinter
 from protos.berth.services.images.v1 import Auth, ImportChunk, PullRequest, StoredImage
@@ -180,17 +180,7 @@ async def _ls(c: Client, args: argparse.Namespace) -> None:
 
 
 async def _rm(c: Client, args: argparse.Namespace) -> None:
-    failed = False
-    for ref in args.refs:
-        try:
-            await c.delete_image(ref, sync=args.sync)
-        except GRPCError as exc:
-            failed = True
-            print(f"berth: image {ref}: {output.status_text(exc)}", file=sys.stderr)
-            continue
-        print(ref)
-    if failed:
-        raise SystemExit(1)
+    await remove_each("image", args.refs, lambda ref: c.delete_image(ref, sync=args.sync))
 
 
 def _open_input(name: str) -> IO[bytes]:

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Any
-
-from grpclib.exceptions import GRPCError
 
 from daemon.cli import output
 from daemon.cli.client import Client
-from daemon.cli.commands import Handler
+from daemon.cli.commands import Handler, remove_each
 from daemon.cli.imagetree import default_snapshotter
 from protos.containerd.services.snapshots.v1 import Info
 
@@ -51,7 +48,7 @@ def snapshot_json(info: Info) -> dict[str, Any]:
 async def run(c: Client, args: argparse.Namespace) -> None:
     snapshotter = await default_snapshotter(c, args.snapshotter)
     if args.sub in ("rm", "remove", "delete"):
-        await _rm(c, snapshotter, args.keys)
+        await remove_each("snapshot", args.keys, lambda key: c.remove_snapshot(snapshotter, key))
         return
     infos = sorted(await c.list_snapshots(snapshotter, getattr(args, "filters", [])), key=lambda i: i.name)
     if args.sub == "tree":
@@ -87,17 +84,3 @@ def _tree(infos: list[Info], fmt: str) -> None:
 
     for root in roots:
         show(root, 0)
-
-
-async def _rm(c: Client, snapshotter: str, keys: list[str]) -> None:
-    failed = False
-    for key in keys:
-        try:
-            await c.remove_snapshot(snapshotter, key)
-        except GRPCError as exc:
-            failed = True
-            print(f"berth: snapshot {key}: {output.status_text(exc)}", file=sys.stderr)
-            continue
-        print(key)
-    if failed:
-        raise SystemExit(1)
