@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,11 +23,16 @@ from typing import Any
 
 import pytest
 from grpclib.client import Channel
+from grpclib.exceptions import GRPCError
 
 from daemon.cli.client import Client
+from protos.containerd.services.events.v1 import EventsStub, SubscribeRequest
+from protos.containerd.types import Envelope
+from tests.support.process import stop_by_pid
 
 BIN = Path(sys.executable).parent
 READY_TIMEOUT = 30.0
+CTR = shutil.which("ctr")
 
 
 class Berthd:
@@ -119,14 +123,8 @@ class Berthd:
 
     def stop(self) -> None:
         """Stop by PID: SIGTERM, then SIGKILL after a grace period."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.kill(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        if self.proc is not None:
+            stop_by_pid(self.proc, grace=15)
 
 
 @pytest.fixture
@@ -164,6 +162,48 @@ async def berthd(make_berthd: Callable[..., Berthd]) -> Berthd:
     d = make_berthd().start()
     await d.wait_ready()
     return d
+
+
+@pytest.fixture
+async def channel(berthd: Berthd) -> AsyncIterator[Channel]:
+    """A raw gRPC channel to the ``berthd`` fixture, for the generated stubs; closed at teardown."""
+    ch = berthd.channel()
+    try:
+        yield ch
+    finally:
+        ch.close()
+
+
+def headers(ns: str, lease: str = "") -> dict[str, str]:
+    """gRPC metadata as containerd's clients send it: the namespace, and the lease when one is given."""
+    md = {"containerd-namespace": ns}
+    if lease:
+        md["containerd-lease"] = lease
+    return md
+
+
+async def grpc_error(call: Awaitable[Any]) -> GRPCError:
+    """The GRPCError ``call`` must raise (the test fails if it returns)."""
+    with pytest.raises(GRPCError) as err:
+        await call
+    return err.value
+
+
+def ctr_argv(d: Berthd, *args: str, ns: str = "default") -> list[str]:
+    """Debian's ``ctr`` pointed at ``d`` in namespace ``ns``."""
+    assert CTR is not None, "ctr missing: `make deps` installs Debian's containerd package"
+    return [CTR, "--address", d.address, "--namespace", ns, *args]
+
+
+def ctr(d: Berthd, *args: str, ns: str = "default") -> subprocess.CompletedProcess[str]:
+    """Run ``ctr`` against ``d`` (text output, not checked: see :func:`ok`)."""
+    return subprocess.run(ctr_argv(d, *args, ns=ns), capture_output=True, text=True, timeout=60, check=False)
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    """The stdout of a command that must have succeeded (its stderr is the failure message)."""
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
@@ -217,3 +257,33 @@ class CliEvents:
             self.proc.kill()
         self.proc.wait()
         self._reader.join(timeout=5)
+
+
+class Subscribed:
+    """A live Subscribe stream whose topics match ``topic_re``; cancelled by :meth:`close`."""
+
+    def __init__(self, channel: Channel, topic_re: str) -> None:
+        self.got: list[Envelope] = []
+        self.arrived = asyncio.Event()
+        self._task = asyncio.create_task(self._run(EventsStub(channel), topic_re))
+
+    async def _run(self, stub: EventsStub, topic_re: str) -> None:
+        async for env in stub.subscribe(SubscribeRequest(filters=[f'topic~="{topic_re}"'])):
+            self.got.append(env)
+            self.arrived.set()
+
+    async def wait_for(self, n: int, namespace: str | None = None, timeout: float = 10.0) -> list[Envelope]:
+        """At least ``n`` events (of ``namespace`` if given), in arrival order."""
+
+        def matching() -> list[Envelope]:
+            return [e for e in self.got if namespace is None or e.namespace == namespace]
+
+        async with asyncio.timeout(timeout):
+            while len(matching()) < n:
+                self.arrived.clear()
+                await self.arrived.wait()
+        return matching()
+
+    async def close(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)

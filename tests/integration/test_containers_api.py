@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import subprocess
-from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
 import betterproto.lib.google.protobuf as pb
-import pytest
 from grpclib.client import Channel
 from grpclib.const import Status
-from grpclib.exceptions import GRPCError
 
 from daemon.mount import mount_points_under
 from protos.containerd.events import ContainerCreate, ContainerDelete, ContainerUpdate
@@ -28,20 +23,13 @@ from protos.containerd.services.containers.v1 import (
     ListContainersRequest,
     UpdateContainerRequest,
 )
-from protos.containerd.services.events.v1 import EventsStub, SubscribeRequest
 from protos.containerd.services.namespaces.v1 import DeleteNamespaceRequest, NamespacesStub
 from protos.containerd.services.snapshots.v1 import ListSnapshotsRequest, SnapshotsStub
-from protos.containerd.types import Envelope
-from tests.integration.conftest import Berthd
+from tests.integration.conftest import Berthd, Subscribed, ctr, grpc_error, headers, ok
 from tests.support.oci import busybox_image, oci_archive
 
-CTR = shutil.which("ctr")
 SPEC_URL = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
 RUNC = "io.containerd.runc.v2"
-
-
-def headers(ns: str) -> dict[str, str]:
-    return {"containerd-namespace": ns}
 
 
 def stub(channel: Channel, ns: str) -> ContainersStub:
@@ -59,53 +47,8 @@ def container(id_: str, **kw: Any) -> Container:
     return Container(**fields)
 
 
-async def grpc_error(call: Awaitable[Any]) -> GRPCError:
-    with pytest.raises(GRPCError) as err:
-        await call
-    return err.value
-
-
-@pytest.fixture
-async def channel(berthd: Berthd) -> AsyncIterator[Channel]:
-    ch = berthd.channel()
-    try:
-        yield ch
-    finally:
-        ch.close()
-
-
-class Events:
-    """A live Subscribe stream, filtered on container topics."""
-
-    def __init__(self, channel: Channel) -> None:
-        self.got: list[Envelope] = []
-        self.arrived = asyncio.Event()
-        self._task = asyncio.create_task(self._run(EventsStub(channel)))
-
-    async def _run(self, stub: EventsStub) -> None:
-        async for env in stub.subscribe(SubscribeRequest(filters=['topic~="^/containers/"'])):
-            self.got.append(env)
-            self.arrived.set()
-
-    async def wait_for(self, n: int, namespace: str | None = None, timeout: float = 10.0) -> list[Envelope]:
-        """At least ``n`` events (of ``namespace`` if given), in arrival order."""
-
-        def matching() -> list[Envelope]:
-            return [e for e in self.got if namespace is None or e.namespace == namespace]
-
-        async with asyncio.timeout(timeout):
-            while len(matching()) < n:
-                self.arrived.clear()
-                await self.arrived.wait()
-        return matching()
-
-    async def close(self) -> None:
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-
-
 async def test_containers_crud_stream_masks_and_events(channel: Channel) -> None:
-    events = Events(channel)
+    events = Subscribed(channel, "^/containers/")
     try:
         # the subscription is live once a probe's event (in another namespace) arrives
         probes = stub(channel, "probe")
@@ -197,22 +140,6 @@ async def test_containers_requests_are_validated_and_scoped(channel: Channel) ->
 
 
 # -- ctr: a container from an imported image, which keeps its snapshot through GC -------------
-
-
-def ctr(d: Berthd, *args: str, ns: str = "default") -> subprocess.CompletedProcess[str]:
-    assert CTR is not None, "ctr missing: `make deps` installs Debian's containerd package"
-    return subprocess.run(
-        [CTR, "--address", d.address, "--namespace", ns, *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 async def _snapshots(channel: Channel, ns: str) -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-import shutil
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -33,22 +32,14 @@ from protos.containerd.services.content.v1 import (
     WriteContentResponse,
 )
 from protos.containerd.services.leases.v1 import CreateRequest, DeleteRequest, LeasesStub
-from tests.integration.conftest import Berthd, wait_for
+from tests.integration.conftest import Berthd, ctr_argv, grpc_error, headers, wait_for
 
 T = TypeVar("T")
 MiB = 1 << 20
-CTR = shutil.which("ctr")
 
 
 def digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def headers(ns: str, lease: str = "") -> dict[str, str]:
-    md = {"containerd-namespace": ns}
-    if lease:
-        md["containerd-lease"] = lease
-    return md
 
 
 def content(channel: Channel, ns: str = "default", lease: str = "") -> ContentStub:
@@ -82,12 +73,6 @@ def write_requests(
     return reqs
 
 
-async def grpc_error(call: Awaitable[Any]) -> GRPCError:
-    with pytest.raises(GRPCError) as err:
-        await call
-    return err.value
-
-
 async def stream_error(stream: AsyncIterator[Any]) -> GRPCError:
     with pytest.raises(GRPCError) as err:
         async for _ in stream:
@@ -107,25 +92,12 @@ async def retry_unavailable(fn: Callable[[], Awaitable[T]], timeout: float = 10.
         await asyncio.sleep(0.05)
 
 
-@pytest.fixture
-async def channel(berthd: Berthd) -> AsyncIterator[Channel]:
-    ch = berthd.channel()
-    try:
-        yield ch
-    finally:
-        ch.close()
-
-
 def ctr(
     d: Berthd, *args: str, ns: str = "default", stdin: bytes | None = None
 ) -> subprocess.CompletedProcess[bytes]:
-    assert CTR is not None, "ctr missing: `make deps` installs Debian's containerd package"
+    """``ctr`` with bytes in and out: blobs go through stdin and stdout unchanged."""
     return subprocess.run(
-        [CTR, "--address", d.address, "--namespace", ns, *args],
-        input=stdin,
-        capture_output=True,
-        timeout=30,
-        check=False,
+        ctr_argv(d, *args, ns=ns), input=stdin, capture_output=True, timeout=30, check=False
     )
 
 

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-import shutil
-import subprocess
-from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
-from typing import Any
 
 import betterproto.lib.google.protobuf as pb
-import pytest
 from grpclib.client import Channel
 from grpclib.const import Status
-from grpclib.exceptions import GRPCError
 
 from daemon.mount import mount_points_under
 from protos.containerd.services.content.v1 import ContentStub, ListContentRequest
-from protos.containerd.services.events.v1 import EventsStub, SubscribeRequest
 from protos.containerd.services.images.v1 import (
     CreateImageRequest,
     DeleteImageRequest,
@@ -35,20 +27,15 @@ from protos.containerd.services.leases.v1 import DeleteRequest as LeaseDeleteReq
 from protos.containerd.services.leases.v1 import LeasesStub
 from protos.containerd.services.namespaces.v1 import DeleteNamespaceRequest, NamespacesStub
 from protos.containerd.services.snapshots.v1 import ListSnapshotsRequest, SnapshotsStub
-from protos.containerd.types import Descriptor, Envelope
-from tests.integration.conftest import Berthd
+from protos.containerd.types import Descriptor
+from tests.integration.conftest import Berthd, Subscribed, ctr, grpc_error, headers, ok
 from tests.support.oci import busybox_image, oci_archive
 
-CTR = shutil.which("ctr")
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 INDEX = "application/vnd.oci.image.index.v1+json"
 D1 = "sha256:" + "1" * 64
 D2 = "sha256:" + "2" * 64
 D3 = "sha256:" + "3" * 64
-
-
-def headers(ns: str) -> dict[str, str]:
-    return {"containerd-namespace": ns}
 
 
 def images(channel: Channel, ns: str) -> ImagesStub:
@@ -59,50 +46,9 @@ def image(name: str, digest: str = D1, **labels: str) -> Image:
     return Image(name=name, labels=labels, target=Descriptor(media_type=MANIFEST, digest=digest, size=123))
 
 
-async def grpc_error(call: Awaitable[Any]) -> GRPCError:
-    with pytest.raises(GRPCError) as err:
-        await call
-    return err.value
-
-
-@pytest.fixture
-async def channel(berthd: Berthd) -> AsyncIterator[Channel]:
-    ch = berthd.channel()
-    try:
-        yield ch
-    finally:
-        ch.close()
-
-
-class Events:
-    """A live Subscribe stream, filtered on image topics."""
-
-    def __init__(self, channel: Channel) -> None:
-        self.got: list[Envelope] = []
-        self.arrived = asyncio.Event()
-        stub = EventsStub(channel)
-        self._task = asyncio.create_task(self._run(stub))
-
-    async def _run(self, stub: EventsStub) -> None:
-        async for env in stub.subscribe(SubscribeRequest(filters=['topic~="^/images/"'])):
-            self.got.append(env)
-            self.arrived.set()
-
-    async def wait_for(self, n: int, timeout: float = 10.0) -> list[Envelope]:
-        async with asyncio.timeout(timeout):
-            while len(self.got) < n:
-                self.arrived.clear()
-                await self.arrived.wait()
-        return self.got
-
-    async def close(self) -> None:
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-
-
 async def test_images_crud_filters_and_events(channel: Channel) -> None:
     ims = images(channel, "i1")
-    events = Events(channel)
+    events = Subscribed(channel, "^/images/")
     try:
         # the subscription is live once a probe's event arrives
         for i in range(100):
@@ -212,22 +158,6 @@ async def test_namespace_holding_images_cannot_be_deleted(channel: Channel) -> N
 
 
 # -- the whole image: ctr import (content, leases, images, diff, snapshots), then GC -------------
-
-
-def ctr(d: Berthd, *args: str, ns: str = "default") -> subprocess.CompletedProcess[str]:
-    assert CTR is not None, "ctr missing: `make deps` installs Debian's containerd package"
-    return subprocess.run(
-        [CTR, "--address", d.address, "--namespace", ns, *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 def ctr_import(d: Berthd, *args: str, ns: str) -> str:

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 from collections.abc import Callable
 
 import aiohttp
 import pytest
 from grpclib.exceptions import GRPCError
 
-from tests.integration.conftest import Berthd
+from tests.integration.conftest import Berthd, ctr
 
 
 def _value(text: str, name: str, **labels: str) -> float:
@@ -56,20 +54,6 @@ async def test_metrics_endpoint_on_unix_socket(make_berthd: Callable[..., Berthd
 async def test_metrics_off_by_default(berthd: Berthd) -> None:
     assert not any(p.name.startswith("metrics") for p in berthd.base.rglob("*"))
     assert "metrics.serving" not in berthd.log()
-
-
-CTR = shutil.which("ctr")
-
-
-def ctr(d: Berthd, *args: str, ns: str = "default") -> subprocess.CompletedProcess[str]:
-    assert CTR is not None, "ctr missing: `make deps` installs Debian's containerd package"
-    return subprocess.run(
-        [CTR, "--address", d.address, "--namespace", ns, *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
 
 
 async def test_ctr_version_namespaces_plugins(berthd: Berthd) -> None:

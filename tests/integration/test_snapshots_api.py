@@ -10,17 +10,13 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import shutil
-import subprocess
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import betterproto.lib.google.protobuf as pb
 import pytest
 from grpclib.client import Channel
 from grpclib.const import Status
-from grpclib.exceptions import GRPCError
 
 from daemon.mount import mount_points_under, mounted
 from daemon.protocols import Mount
@@ -43,28 +39,14 @@ from protos.containerd.services.snapshots.v1 import (
 )
 from protos.containerd.types import Descriptor as PbDescriptor
 from protos.containerd.types import Mount as PbMount
-from tests.integration.conftest import Berthd
+from tests.integration.conftest import Berthd, ctr, grpc_error, headers, ok
 from tests.support.oci import BUSYBOX_ABSENT, BUSYBOX_PRESENT, HELLO_TEXT, busybox_layers, chain_ids
 
-CTR = shutil.which("ctr")
 OVERLAY = "overlayfs"
-
-
-def headers(ns: str, lease: str = "") -> dict[str, str]:
-    md = {"containerd-namespace": ns}
-    if lease:
-        md["containerd-lease"] = lease
-    return md
 
 
 def mounts_of(pbs: list[PbMount]) -> list[Mount]:
     return [Mount(m.type, m.source, m.target, tuple(m.options)) for m in pbs]
-
-
-async def grpc_error(call: Awaitable[Any]) -> GRPCError:
-    with pytest.raises(GRPCError) as err:
-        await call
-    return err.value
 
 
 async def names(stub: SnapshotsStub, snapshotter: str = OVERLAY, *filters: str) -> list[str]:
@@ -280,22 +262,6 @@ async def test_diff_apply_validates_and_diff_is_unimplemented(channel: Channel) 
 
 
 # -- ctr --------------------------------------------------------------------------------------------
-
-
-def ctr(d: Berthd, *args: str, ns: str = "default") -> subprocess.CompletedProcess[str]:
-    assert CTR is not None, "ctr missing: `make deps` installs Debian's containerd package"
-    return subprocess.run(
-        [CTR, "--address", d.address, "--namespace", ns, *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 async def test_ctr_snapshots(berthd: Berthd, channel: Channel) -> None:

@@ -265,16 +265,29 @@ class FakeRegistry:
             media_type, data = self._content[digest]
         return digest, media_type, data
 
-    async def _manifest(self, request: web.Request) -> web.StreamResponse:
-        name, ref = request.match_info["name"], request.match_info["ref"]
+    def _find(self, request: web.Request, manifest: bool) -> tuple[str, str, bytes] | web.Response:
+        """The digest, media type and bytes a GET or HEAD names, or the answer to send instead.
+
+        Auth and fault checks come first (``_check``); every early answer is recorded here.
+        """
+        name = request.match_info["name"]
+        ref = request.match_info["ref" if manifest else "digest"]
         early = self._check(request, f"repository:{name}:pull")
         if early is not None:
             self._record(request, early.status)
             return early
-        found = self._lookup(name, ref, manifest=True) if request.method in ("GET", "HEAD") else None
+        found = self._lookup(name, ref, manifest) if request.method in ("GET", "HEAD") else None
         if found is None:
             self._record(request, 404)
-            return _not_found("MANIFEST_UNKNOWN", f"{name}:{ref}")
+            if manifest:
+                return _not_found("MANIFEST_UNKNOWN", f"{name}:{ref}")
+            return _not_found("BLOB_UNKNOWN", ref)
+        return found
+
+    async def _manifest(self, request: web.Request) -> web.StreamResponse:
+        found = self._find(request, manifest=True)
+        if isinstance(found, web.Response):
+            return found
         digest, media_type, data = found
         headers = {"Docker-Content-Digest": digest, "Content-Type": media_type}
         self._record(request, 200)
@@ -283,16 +296,10 @@ class FakeRegistry:
         return web.Response(body=data, headers=headers)
 
     async def _blob(self, request: web.Request) -> web.StreamResponse:
-        name, digest = request.match_info["name"], request.match_info["digest"]
-        early = self._check(request, f"repository:{name}:pull")
-        if early is not None:
-            self._record(request, early.status)
-            return early
-        found = self._lookup(name, digest, manifest=False) if request.method in ("GET", "HEAD") else None
-        if found is None:
-            self._record(request, 404)
-            return _not_found("BLOB_UNKNOWN", digest)
-        _, _, data = found
+        found = self._find(request, manifest=False)
+        if isinstance(found, web.Response):
+            return found
+        digest, _, data = found
         with self.lock:
             if digest in self._corrupt and data:
                 data = data[:-1] + bytes([data[-1] ^ 0xFF])

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -28,6 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from tests.support.process import stop_by_pid
 from tests.support.tokenauth import TokenServer
 
 DOCKER_REGISTRY = Path("/usr/bin/docker-registry")
@@ -155,7 +154,7 @@ class Registry:
                 )
             if self._wait_ready():
                 return self
-            self._stop_proc()
+            stop_by_pid(self.proc, grace=10)
             if "address already in use" not in self.log():
                 break
         raise RuntimeError(f"docker-registry did not start:\n{self.log()}")
@@ -177,19 +176,10 @@ class Registry:
             time.sleep(0.02)
         return False
 
-    def _stop_proc(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.kill(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
     def stop(self) -> None:
         """Stop the process by PID and remove the directory this object created."""
-        self._stop_proc()
+        if self.proc is not None:
+            stop_by_pid(self.proc, grace=10)
         if self._own_base:
             shutil.rmtree(self.base, ignore_errors=True)
 
