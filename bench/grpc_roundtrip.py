@@ -59,7 +59,7 @@ from bench.daemons import (
     terminate_as_interrupt,
     wait_ready,
 )
-from bench.report import Figure, Metric, distribution, format_table, rounded
+from bench.report import Figure, Metric, distribution, format_table, print_budget_note, rounded
 from protos.containerd.services.namespaces.v1 import (
     CreateNamespaceRequest,
     DeleteNamespaceRequest,
@@ -322,10 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(format_table(metrics))
     print("ratio: berth's figure over containerd's (median for latency); above 1 means berth is higher.")
-    if any(m.berth.cut_by_budget or m.containerd.cut_by_budget for m in metrics):
-        print(
-            f"* cut short by the time budget (--budget {args.budget}s per daemon per phase); see n in --json."
-        )
+    print_budget_note(metrics, args.budget)
     return 0
 
 

@@ -30,6 +30,10 @@ class Metric:
     containerd: Figure
 
     @property
+    def cut_by_budget(self) -> bool:
+        return self.berth.cut_by_budget or self.containerd.cut_by_budget
+
+    @property
     def ratio(self) -> float | None:
         if not self.containerd.value or math.isnan(self.containerd.value):
             return None
@@ -71,7 +75,7 @@ def format_table(metrics: list[Metric], reference: str = "containerd") -> str:
     ]
     rows = [header]
     for m in metrics:
-        flag = " *" if m.berth.cut_by_budget or m.containerd.cut_by_budget else ""
+        flag = " *" if m.cut_by_budget else ""
         ratio = "-" if m.ratio is None else f"{m.ratio:.2f}x"
         rows.append(
             [
@@ -92,6 +96,12 @@ def format_table(metrics: list[Metric], reference: str = "containerd") -> str:
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def print_budget_note(metrics: list[Metric], budget: float) -> None:
+    """Explain the table's ``*`` marks, if any row has one."""
+    if any(m.cut_by_budget for m in metrics):
+        print(f"* cut short by the time budget (--budget {budget}s per daemon per phase); see n in --json.")
 
 
 def rounded(obj: Any) -> Any:

@@ -61,7 +61,7 @@ from bench.daemons import (
     terminate_as_interrupt,
     wait_ready,
 )
-from bench.report import Figure, Metric, distribution, format_table, rounded
+from bench.report import Figure, Metric, distribution, format_table, print_budget_note, rounded
 from daemon.mount import mount_all, mount_points_under, release
 from daemon.protocols import Mount
 from protos.containerd.services.snapshots.v1 import (
@@ -380,10 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Overlay options of the {DEPTH}-layer mount before compaction: berth {sizes['berth']:,} B, "
         f"containerd {sizes['containerd']:,} B. p99 is the maximum below 100 samples."
     )
-    if any(m.berth.cut_by_budget or m.containerd.cut_by_budget for m in metrics):
-        print(
-            f"* cut short by the time budget (--budget {args.budget}s per daemon per phase); see n in --json."
-        )
+    print_budget_note(metrics, args.budget)
     return 0
 
 

@@ -72,9 +72,9 @@ T = TypeVar("T")
 
 #: Label containerd puts on pulled blobs: where they came from (used for cross-repository mounts).
 LABEL_SOURCE_PREFIX = "containerd.io/distribution.source."
-#: Longest wait between two attempts to open an ingest another pull holds.
 #: Longest wait for another writer of the same blob (a concurrent pull of it).
 LOCKED_MAX_WAIT = 600.0
+#: Longest wait between two attempts to open an ingest another pull holds.
 LOCKED_MAX_DELAY = 1.0
 
 

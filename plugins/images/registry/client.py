@@ -547,13 +547,8 @@ class Repository:
         """The manifest or index ``desc`` names, verified against its size and digest."""
         what = f"manifest {desc.digest}"
         check_digest(desc.digest, f"{self.image}: {what}")
-        if desc.size > MAX_MANIFEST_SIZE:
-            raise InvalidArgument(
-                f"{self.image}: {what}: size {desc.size} exceeds the {MAX_MANIFEST_SIZE} bytes "
-                "allowed for manifests"
-            )
-        cached = self._manifests.get(desc.digest)
-        if cached is not None and len(cached) == desc.size:
+        cached = self._small(desc, what, MAX_MANIFEST_SIZE, "for manifests")
+        if cached is not None:
             return cached
         accept = ACCEPT if desc.media_type in GENERIC_TYPES else f"{desc.media_type}, {ACCEPT}"
         try:
@@ -609,6 +604,15 @@ class Repository:
             return  # nothing to check against
         select_manifest([(desc, Platform.from_json(config))], want, image=self.image)
 
+    def _small(self, desc: Descriptor, what: str, max_size: int, allowed: str) -> bytes | None:
+        """Refuse a document over ``max_size`` (before any request); its bytes if this repository has them."""
+        if desc.size > max_size:
+            raise InvalidArgument(
+                f"{self.image}: {what}: size {desc.size} exceeds the {max_size} bytes allowed {allowed}"
+            )
+        cached = self._manifests.get(desc.digest)
+        return cached if cached is not None and len(cached) == desc.size else None
+
     # -- blobs -----------------------------------------------------------------
 
     async def fetch_blob(
@@ -632,13 +636,8 @@ class Repository:
 
     async def fetch_bytes(self, desc: Descriptor, max_size: int = MAX_MANIFEST_SIZE) -> bytes:
         """A small blob (an image config), whole and verified."""
-        if desc.size > max_size:
-            raise InvalidArgument(
-                f"{self.image}: blob {desc.digest}: size {desc.size} exceeds the {max_size} bytes "
-                "allowed here"
-            )
-        cached = self._manifests.get(desc.digest)
-        if cached is not None and len(cached) == desc.size:
+        cached = self._small(desc, f"blob {desc.digest}", max_size, "here")
+        if cached is not None:
             return cached
         async with await self.fetch_blob(desc) as stream:
             data = b"".join([chunk async for chunk in stream])
