@@ -51,6 +51,7 @@ import contextlib
 import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import structlog
 
@@ -59,6 +60,7 @@ from daemon.protocols import Applier, ByteStream, ContentStore, Descriptor, Kind
 from plugins.images.blobs import ContentStream, chain_ids
 from plugins.images.progress import ProgressTracker, State
 
+T = TypeVar("T")
 log = structlog.get_logger("berth.images")
 
 #: Bytes of a layer kept in memory while it may still be teed, and held by a tee at most.
@@ -313,7 +315,14 @@ class Unpacker:
         self, index: int, desc: Descriptor, diff_id: str, chain_id: str, parent: str, feed: LayerFeed
     ) -> None:
         key = f"extract-{secrets.token_hex(6)}-{chain_id}"
-        mounts = await self.snapshotter.prepare(key, parent)
+        try:
+            # Finished even if the pull is cancelled meanwhile: a prepare that
+            # completes in its thread after we stopped waiting would leave an
+            # extract snapshot nobody removes.
+            mounts = await _to_completion(self.snapshotter.prepare(key, parent))
+        except asyncio.CancelledError:
+            await self._remove(key, missing_ok=True)
+            raise
         committed = False
         try:
             stream = await feed.open(self.content)
@@ -359,15 +368,39 @@ class Unpacker:
             live=feed.live,
         )
 
-    async def _remove(self, key: str) -> None:
+    async def _remove(self, key: str, *, missing_ok: bool = False) -> None:
+        """Remove an extract snapshot, to completion even while the pull is being cancelled."""
         try:
-            await self.snapshotter.remove(key)
+            await _to_completion(self.snapshotter.remove(key))
+        except NotFound:
+            if not missing_ok:
+                log.warning("unpack.remove_failed", image=self.image, key=key, error="not found")
         except BerthError as exc:  # GC takes what is left once the lease is gone
             log.warning("unpack.remove_failed", image=self.image, key=key, error=str(exc))
 
     def _state(self, digest: str, state: State, live: bool | None = None) -> None:
         if self.tracker is not None and digest in self.tracker.progress.blobs:
             self.tracker.state(digest, state, live=live)
+
+
+async def _to_completion(aw: Awaitable[T]) -> T:
+    """Await ``aw`` to its end even if the caller is cancelled, then re-raise the cancellation.
+
+    Cleanup steps (and the creation they undo) must not be cut in half by
+    the cancellation of a pull's task group, which can arrive more than once.
+    """
+    task = asyncio.ensure_future(aw)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait({task})  # cancelling the wait leaves the task running
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        if not task.cancelled():
+            task.exception()  # retrieved: the cancellation is what the caller gets
+        raise asyncio.CancelledError
+    return task.result()
 
 
 async def abort_quietly(content: ContentStore, ref: str) -> None:
