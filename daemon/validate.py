@@ -7,6 +7,7 @@ which part of its request is wrong without reading berth's code.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TypeVar
 
 from daemon.errors import InvalidArgument
@@ -19,3 +20,16 @@ def required(value: T | None, field: str) -> T:
     if value is None or value == "" or value == b"":
         raise InvalidArgument(f"{field}: must not be empty")
     return value
+
+
+def label_paths(paths: Sequence[str], owner: str) -> list[str]:
+    """The field mask of an update that may only touch labels (``labels``, ``labels.<key>``).
+
+    Any other path is InvalidArgument naming ``update_mask.paths`` and ``owner``
+    (e.g. ``content sha256:...``), as containerd refuses it.
+    """
+    out = list(paths)
+    for path in out:
+        if path != "labels" and not path.startswith("labels."):
+            raise InvalidArgument(f"update_mask.paths: cannot update {path!r} field of {owner}")
+    return out

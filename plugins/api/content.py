@@ -43,7 +43,7 @@ from daemon.metadata.validate import quote, validate_digest
 from daemon.protocols import ContentInfo, ContentWriter, IngestStatus
 from daemon.registry import InitContext, Registry
 from daemon.server import request_lease, request_namespace
-from daemon.validate import required
+from daemon.validate import label_paths, required
 from protos.containerd.events import ContentDelete
 from protos.containerd.services.content.v1 import (
     AbortRequest,
@@ -117,12 +117,7 @@ class ContentService(ContentBase):
     async def update(self, update_request: UpdateRequest) -> UpdateResponse:
         req = update_request
         digest = _digest(req.info.digest, "info.digest")
-        paths = list(req.update_mask.paths)
-        for path in paths:
-            if path != "labels" and not path.startswith("labels."):
-                raise InvalidArgument(
-                    f"update_mask.paths: cannot update {quote(path)} field of content {digest}"
-                )
+        paths = label_paths(req.update_mask.paths, f"content {digest}")
         # Only labels are mutable; size and times in the request are ignored, as in containerd.
         wanted = ContentInfo(digest, 0, req.info.created_at, req.info.updated_at, dict(req.info.labels))
         info = await self.content.update(request_namespace(), wanted, paths)

@@ -12,11 +12,10 @@ from typing import Any
 
 import betterproto.lib.google.protobuf as pb
 
-from daemon.errors import InvalidArgument
 from daemon.events import EventBus
 from daemon.hookspecs import hookimpl
 from daemon.registry import InitContext, Registry
-from daemon.validate import required
+from daemon.validate import label_paths, required
 from protos.containerd.events import NamespaceCreate, NamespaceDelete, NamespaceUpdate
 from protos.containerd.services.namespaces.v1 import (
     CreateNamespaceRequest,
@@ -59,10 +58,7 @@ class NamespacesService(NamespacesBase):
     async def update(self, update_namespace_request: UpdateNamespaceRequest) -> UpdateNamespaceResponse:
         req = update_namespace_request
         name = required(req.namespace.name if req.namespace else "", "namespace.name")
-        paths = list(req.update_mask.paths) if req.update_mask else []
-        for path in paths:
-            if path != "labels" and not path.startswith("labels."):
-                raise InvalidArgument(f"update_mask.paths: cannot update {path!r} of namespace {name!r}")
+        paths = label_paths(req.update_mask.paths if req.update_mask else [], f"namespace {name!r}")
         ns = await self.store.namespaces.update(name, dict(req.namespace.labels), paths)
         self.bus.publish("/namespaces/update", NamespaceUpdate(name=ns.name, labels=dict(ns.labels)), ns.name)
         return UpdateNamespaceResponse(namespace=_pb(ns))

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Iterable
 
 import betterproto.lib.google.protobuf as pb
 
-from daemon.errors import InvalidArgument, Unimplemented
+from daemon.errors import Unimplemented
 from daemon.events import EventBus
 from daemon.hookspecs import hookimpl
 from daemon.metadata import MetadataDB, NamespacedSnapshotter
@@ -32,7 +32,7 @@ from daemon.metadata.validate import quote
 from daemon.protocols import Kind, Mount, SnapshotInfo
 from daemon.registry import InitContext, Registry
 from daemon.server import request_lease, request_namespace
-from daemon.validate import required
+from daemon.validate import label_paths, required
 from protos.containerd.events import SnapshotCommit, SnapshotPrepare, SnapshotRemove
 from protos.containerd.services.snapshots.v1 import (
     CleanupRequest,
@@ -142,12 +142,7 @@ class SnapshotsService(SnapshotsBase):
         req = update_snapshot_request
         sn = self._sn(req.snapshotter)
         name = required(req.info.name, "info.name")
-        paths = list(req.update_mask.paths)
-        for path in paths:
-            if path != "labels" and not path.startswith("labels."):
-                raise InvalidArgument(
-                    f"update_mask.paths: cannot update {quote(path)} field of snapshot {quote(name)}"
-                )
+        paths = label_paths(req.update_mask.paths, f"snapshot {quote(name)}")
         # Only labels are mutable: kind, parent and times in the request are ignored.
         wanted = SnapshotInfo(Kind.UNKNOWN, name, req.info.parent, dict(req.info.labels))
         info = await sn.update(request_namespace(), wanted, paths)
