@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from plugins.runtime.runc_v2 import spec
+from daemon.oci import spec
 
 RUNC = shutil.which("runc")
 BUSYBOX = Path("/bin/busybox")

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from daemon.errors import FailedPrecondition, InvalidArgument, NotFound
-from plugins.runtime.runc_v2 import seccomp, spec, users
-from plugins.runtime.runc_v2.spec import Spec
+from daemon.oci import seccomp, spec, users
+from daemon.oci.spec import Spec
 
 CONTAINERD_CAPS = [
     "CAP_CHOWN",

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from daemon.errors import InvalidArgument
-from plugins.runtime.runc_v2 import seccomp, users
+from daemon.oci import seccomp, users
 
 Spec = dict[str, Any]
 SpecOpt = Callable[[Spec], None]
