@@ -60,7 +60,8 @@ UNIX_PREFIX = "unix://"
 PLUGIN_NAME_CUTOFF = 0.8  # plugin names share long prefixes: demand a closer match
 
 
-def _doc(text: str) -> dict[str, str]:
+def doc(text: str) -> dict[str, str]:
+    """Field metadata carrying the help text `berthd config default` prints above a key."""
     return {"doc": text}
 
 
@@ -70,13 +71,13 @@ class GrpcConfig:
 
     address: str = field(
         default=DEFAULT_GRPC_ADDRESS,
-        metadata=_doc(
+        metadata=doc(
             "Unix socket the gRPC API (CRI and native services) is served on; an absolute path, "
             'optionally written with a "unix://" prefix.'
         ),
     )
-    uid: int = field(default=0, metadata=_doc("Owner user id of the socket."))
-    gid: int = field(default=0, metadata=_doc("Owner group id of the socket (mode is 0660)."))
+    uid: int = field(default=0, metadata=doc("Owner user id of the socket."))
+    gid: int = field(default=0, metadata=doc("Owner group id of the socket (mode is 0660)."))
 
 
 @dataclass
@@ -84,11 +85,11 @@ class DebugConfig:
     """Logging."""
 
     level: Literal["debug", "info", "warning", "error"] = field(
-        default="info", metadata=_doc("Lowest level of log events written.")
+        default="info", metadata=doc("Lowest level of log events written.")
     )
     format: Literal["console", "json"] = field(
         default="console",
-        metadata=_doc("Log output: human-readable lines, or one JSON object per event."),
+        metadata=doc("Log output: human-readable lines, or one JSON object per event."),
     )
 
 
@@ -98,7 +99,7 @@ class MetricsConfig:
 
     address: str = field(
         default="",
-        metadata=_doc(
+        metadata=doc(
             'Where the metrics endpoint listens: "" turns it off, "host:port" listens on TCP, an absolute '
             'path (optionally prefixed "unix://") on a unix socket.'
         ),
@@ -111,37 +112,37 @@ class Config:
 
     version: int = field(
         default=CONFIG_VERSION,
-        metadata=_doc(f"Version of this file's format; this berthd reads version {CONFIG_VERSION}."),
+        metadata=doc(f"Version of this file's format; this berthd reads version {CONFIG_VERSION}."),
     )
     root: str = field(
         default="/var/lib/berth",
-        metadata=_doc("Persistent data (metadata, content, snapshots); each plugin gets <root>/<plugin>."),
+        metadata=doc("Persistent data (metadata, content, snapshots); each plugin gets <root>/<plugin>."),
     )
     state: str = field(
         default="/run/berth",
-        metadata=_doc(
+        metadata=doc(
             "Runtime state, gone on reboot (sockets, shim state); each plugin gets <state>/<plugin>."
         ),
     )
     imports: list[str] = field(
         default_factory=lambda: list(DEFAULT_IMPORTS),
-        metadata=_doc(
+        metadata=doc(
             "Drop-in files merged on top of this one, in order (later wins; tables merge key by key, "
             "arrays replace). Globs; relative ones are relative to this file's directory."
         ),
     )
     disabled_plugins: list[str] = field(
         default_factory=list,
-        metadata=_doc("Plugins (full names such as berth.snapshotter.v1.native, or types) not to start."),
+        metadata=doc("Plugins (full names such as berth.snapshotter.v1.native, or types) not to start."),
     )
     required_plugins: list[str] = field(
         default_factory=list,
-        metadata=_doc("Plugins that must start: berthd exits non-zero if one of them fails."),
+        metadata=doc("Plugins that must start: berthd exits non-zero if one of them fails."),
     )
-    grpc: GrpcConfig = field(default_factory=GrpcConfig, metadata=_doc("The main gRPC socket."))
-    debug: DebugConfig = field(default_factory=DebugConfig, metadata=_doc("Logging."))
+    grpc: GrpcConfig = field(default_factory=GrpcConfig, metadata=doc("The main gRPC socket."))
+    debug: DebugConfig = field(default_factory=DebugConfig, metadata=doc("Logging."))
     metrics: MetricsConfig = field(
-        default_factory=MetricsConfig, metadata=_doc("Prometheus metrics endpoint.")
+        default_factory=MetricsConfig, metadata=doc("Prometheus metrics endpoint.")
     )
     #: full plugin name -> instance of its config dataclass, for every plugin in ``schemas``
     plugins: dict[str, Any] = field(default_factory=dict, metadata={"internal": True})

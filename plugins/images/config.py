@@ -19,14 +19,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from daemon.config import doc
 from daemon.errors import InvalidArgument
 from daemon.metadata.validate import validate_identifier
 from plugins.images.registry.config import RegistryConfig
 from plugins.images.registry.platforms import parse_platform
-
-
-def _doc(text: str) -> dict[str, str]:
-    return {"doc": text}
 
 
 @dataclass
@@ -35,28 +32,28 @@ class ImagesConfig(RegistryConfig):
 
     snapshotter: str = field(
         default="overlayfs",
-        metadata=_doc(
+        metadata=doc(
             "Snapshotter (plugin id of a berth.snapshotter.v1) that pulls and imports unpack into, "
             "unless a request names another."
         ),
     )
     platform: str = field(
         default="",
-        metadata=_doc(
+        metadata=doc(
             'Platform chosen from multi-platform images (os/arch[/variant], e.g. "linux/arm64"). '
             "Empty: the host's (linux/amd64 on x86-64)."
         ),
     )
     max_concurrent_downloads: int = field(
         default=3,
-        metadata=_doc(
+        metadata=doc(
             "Layers of one pull downloaded at the same time (containerd's max_concurrent_downloads). "
             "Layers are unpacked in order while they download, whatever this is."
         ),
     )
     tee_backlog: int = field(
         default=4 << 20,
-        metadata=_doc(
+        metadata=doc(
             "Bytes of a layer that may arrive before the layer under it is unpacked and still be "
             "applied live from the download (beyond that, it is applied from the content store "
             "once downloaded). 0 turns live apply off (benchmarks compare with it)."
@@ -64,7 +61,7 @@ class ImagesConfig(RegistryConfig):
     )
     pull_lease_expiry: float = field(
         default=24 * 3600.0,
-        metadata=_doc(
+        metadata=doc(
             "Seconds the lease of a pull keeps what it fetched if the pull never finishes (berthd "
             "killed): a pull retried within that time reuses every verified blob and layer."
         ),

@@ -34,15 +34,13 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from daemon.config import doc
+
 CAPABILITIES = ("pull", "resolve", "push")
 _HOST_RE = re.compile(
     r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*"
     r"|\[[0-9a-fA-F:]+\])(?::[0-9]{1,5})?\Z"
 )
-
-
-def _doc(text: str) -> dict[str, str]:
-    return {"doc": text}
 
 
 def is_registry_host(host: str) -> bool:
@@ -80,62 +78,62 @@ class HostConfig:
 
     server: str = field(
         default="",
-        metadata=_doc(
+        metadata=doc(
             "URL of the registry itself (scheme://host[:port][/path]); empty: https://<host>, plain "
             "http for loopback hosts, https://registry-1.docker.io for docker.io."
         ),
     )
     mirrors: list[str] = field(
         default_factory=list,
-        metadata=_doc(
+        metadata=doc(
             "Mirror URLs tried in order before the server; a URL without scheme is https (http if "
             "plain_http is set or the mirror is on loopback)."
         ),
     )
     capabilities: list[str] = field(
         default_factory=lambda: ["pull", "resolve"],
-        metadata=_doc(
+        metadata=doc(
             'What the mirrors are trusted with: "pull" fetches content by digest, "resolve" also '
             'turns tags into digests (grant it only to mirrors trusted like the registry), "push".'
         ),
     )
     plain_http: bool | None = field(
         default=None,
-        metadata=_doc(
+        metadata=doc(
             "Talk plain HTTP to the server (and to scheme-less mirrors). Unset: HTTP for loopback "
             "hosts (localhost, 127.0.0.0/8, ::1), HTTPS otherwise."
         ),
     )
     skip_verify: bool = field(
-        default=False, metadata=_doc("Do not verify the TLS certificates of this host's endpoints.")
+        default=False, metadata=doc("Do not verify the TLS certificates of this host's endpoints.")
     )
     ca_file: str = field(
         default="",
-        metadata=_doc("PEM file of CA certificates trusted for this host's endpoints, besides the system's."),
+        metadata=doc("PEM file of CA certificates trusted for this host's endpoints, besides the system's."),
     )
     client_cert: str = field(
-        default="", metadata=_doc("PEM client certificate for TLS client authentication (with client_key).")
+        default="", metadata=doc("PEM client certificate for TLS client authentication (with client_key).")
     )
     client_key: str = field(
-        default="", metadata=_doc("PEM private key of client_cert; empty if client_cert holds it too.")
+        default="", metadata=doc("PEM private key of client_cert; empty if client_cert holds it too.")
     )
     header: dict[str, str] = field(
-        default_factory=dict, metadata=_doc("Extra HTTP headers sent with every request to this host.")
+        default_factory=dict, metadata=doc("Extra HTTP headers sent with every request to this host.")
     )
-    username: str = field(default="", metadata=_doc("User name for basic auth or for the token server."))
-    password: str = field(default="", metadata=_doc("Password (or access token) of username."))
+    username: str = field(default="", metadata=doc("User name for basic auth or for the token server."))
+    password: str = field(default="", metadata=doc("Password (or access token) of username."))
     auth: str = field(
         default="",
-        metadata=_doc('base64 of "username:password", as in docker\'s config.json; instead of both.'),
+        metadata=doc('base64 of "username:password", as in docker\'s config.json; instead of both.'),
     )
     identity_token: str = field(
         default="",
-        metadata=_doc(
+        metadata=doc(
             "OAuth2 refresh token exchanged at the registry's token server (docker's identitytoken)."
         ),
     )
     registry_token: str = field(
-        default="", metadata=_doc("Bearer token sent as is with every request (docker's registrytoken).")
+        default="", metadata=doc("Bearer token sent as is with every request (docker's registrytoken).")
     )
 
     def defines_endpoints(self) -> bool:
@@ -182,7 +180,7 @@ class RegistryConfig:
 
     config_path: str = field(
         default="",
-        metadata=_doc(
+        metadata=doc(
             "Directory of containerd-style registry host configs: <config_path>/<host>/hosts.toml "
             "(host:port also as host_port_), <config_path>/_default/hosts.toml as the fallback; read "
             'at every pull. Reuse containerd\'s with "/etc/containerd/certs.d". Empty: none.'
@@ -190,33 +188,33 @@ class RegistryConfig:
     )
     hosts: dict[str, HostConfig] = field(
         default_factory=dict,
-        metadata=_doc(
+        metadata=doc(
             'Per registry host (as images name it, e.g. "127.0.0.1:5000"): endpoints and credentials.'
         ),
     )
     retry_attempts: int = field(
         default=5,
-        metadata=_doc(
+        metadata=doc(
             "Attempts per request on connection errors, timeouts and HTTP 429/5xx (every endpoint "
             "of the host is tried in each attempt); a dropped blob download resumes with a Range "
             "request, and gives up after this many drops in a row without progress."
         ),
     )
     retry_initial_delay: float = field(
-        default=0.5, metadata=_doc("Seconds before the second attempt; doubled for each further one.")
+        default=0.5, metadata=doc("Seconds before the second attempt; doubled for each further one.")
     )
-    retry_max_delay: float = field(default=10.0, metadata=_doc("Upper bound of the delay between attempts."))
+    retry_max_delay: float = field(default=10.0, metadata=doc("Upper bound of the delay between attempts."))
     retry_max_elapsed: float = field(
         default=120.0,
-        metadata=_doc("Seconds after the first failure of a request beyond which it is not retried."),
+        metadata=doc("Seconds after the first failure of a request beyond which it is not retried."),
     )
     connect_timeout: float = field(
         default=30.0,
-        metadata=_doc("Seconds to establish a connection (per endpoint; hosts.toml dial_timeout wins)."),
+        metadata=doc("Seconds to establish a connection (per endpoint; hosts.toml dial_timeout wins)."),
     )
     read_timeout: float = field(
         default=60.0,
-        metadata=_doc("Seconds without receiving a byte before a request is abandoned (and retried)."),
+        metadata=doc("Seconds without receiving a byte before a request is abandoned (and retried)."),
     )
 
     def validate(self) -> None:
