@@ -116,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     except BerthError as exc:
         print(f"berthd: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        # Start-up failures the operator fixes (root not writable, socket dir missing, port taken):
+        # one line naming the path, not a traceback.
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"berthd:{where}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

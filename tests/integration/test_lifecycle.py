@@ -114,6 +114,19 @@ async def test_unwritable_root_is_a_clear_error(make_berthd: Callable[..., Berth
     assert not os.path.exists(d.address)
 
 
+async def test_socket_dir_under_a_file_is_one_line_not_a_traceback(
+    make_berthd: Callable[..., Berthd], short_tmp: Path
+) -> None:
+    blocker = short_tmp / "a-file"
+    blocker.write_text("")
+    d = make_berthd()
+    d.address = str(blocker / "berth.sock")
+    d.start()
+    assert d.wait_exit(timeout=30) == 1
+    assert f"berthd: {blocker}: " in d.log()
+    assert "Traceback" not in d.log()
+
+
 async def test_kill_9_then_restart_keeps_data(berthd: Berthd) -> None:
     async with berthd.client() as c:
         await c.create_namespace("survivor", {"keep": "me"})
