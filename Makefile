@@ -9,8 +9,9 @@ BIN := $(VENV)/bin
 # containerd: its `ctr` is the real client our wire-compatibility tests run,
 # its shim and daemon are the yardstick for bench/. runc runs containers.
 # docker-registry (+ skopeo) is the real registry images are pulled from in tests;
-# busybox-static is what test images are built from.
-DEB_PACKAGES := containerd runc iproute2 util-linux procps busybox-static docker-registry skopeo openssl
+# busybox-static is what test images are built from; containernetworking-plugins (+ iptables for
+# portmap) are the real CNI plugins pod networks are made with.
+DEB_PACKAGES := containerd runc iproute2 util-linux procps busybox-static docker-registry skopeo openssl containernetworking-plugins iptables
 STAMP := $(VENV)/.installed
 PY_DIRS := daemon plugins protos tests $(wildcard bench)
 
