@@ -95,7 +95,7 @@ def compact_lowerdir(options: Sequence[str], limit: int = COMPACT_THRESHOLD) -> 
     return common, opts
 
 
-def _mount_command(m: Mount, target: str) -> tuple[list[str], str | None]:
+def mount_command(m: Mount, target: str) -> tuple[list[str], str | None]:
     options = [o for o in m.options if o]
     cwd: str | None = None
     if m.type == "overlay":
@@ -122,7 +122,7 @@ def _mount_command(m: Mount, target: str) -> tuple[list[str], str | None]:
 
 
 async def _mount_one(m: Mount, target: str) -> None:
-    argv, cwd = _mount_command(m, target)
+    argv, cwd = mount_command(m, target)
     proc = await asyncio.create_subprocess_exec(
         *argv,
         cwd=cwd,

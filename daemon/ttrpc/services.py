@@ -15,6 +15,7 @@ from typing import Any
 import betterproto.lib.google.protobuf as pb
 
 from daemon.ttrpc.server import Method
+from protos.containerd.services.events.ttrpc.v1 import ForwardRequest
 from protos.containerd.task.v2 import (
     CheckpointTaskRequest,
     CloseIoRequest,
@@ -65,6 +66,13 @@ TASK_METHODS: ServiceTable = {
     "Stats": (StatsRequest, StatsResponse),
     "Connect": (ConnectRequest, ConnectResponse),
     "Shutdown": (ShutdownRequest, pb.Empty),
+}
+
+#: What shims call at $TTRPC_ADDRESS to hand events to the daemon (berthd serves it).
+EVENTS_SERVICE = "containerd.services.events.ttrpc.v1.Events"
+
+EVENTS_METHODS: ServiceTable = {
+    "Forward": (ForwardRequest, pb.Empty),
 }
 
 

@@ -1,13 +1,20 @@
-"""The containerd.task.v2.Task service of the shim, driving runc.
+"""The containerd.task.v2.Task service of the shim, driving runc (containerd 1.6's runc shim, in Python).
 
-One shim serves the tasks created through it; each task is one runc container
-whose init process is a child of the shim (a subreaper) once ``runc create``
-returns. Exit statuses come from :class:`~.reaper.Reaper`; the service never
-waits on processes itself.
+One shim serves the tasks created through it (a pod's containers). Each task
+is one runc container whose init, and every exec process, becomes a child of
+the shim (a subreaper) once runc returns. Exit statuses come from
+:class:`~.reaper.Reaper`; the service never waits on processes itself.
 
-Scope of this slice: init processes only (no exec), no terminal, no stdin,
-rootfs already in the bundle (mounts in CreateTaskRequest.rootfs are refused),
-stdout/stderr are plain file paths (or ``file://`` URIs) appended to.
+The pieces: :mod:`.runc` (the command line, runc's errors), :mod:`.stdio`
+(FIFOs, files, stdin copy, CloseIO), :mod:`.console` (pty through runc's
+console socket), :mod:`.cgroups` (Stats, cleanup, OOM), :mod:`.rootfs`
+(CreateTaskRequest.rootfs), :mod:`.process` (state).
+
+Events go out through ``publish(topic, event)`` (it queues, never blocks) in
+containerd's order: /tasks/create, /tasks/start, /tasks/exec-added,
+/tasks/exec-started, /tasks/paused, /tasks/resumed, /tasks/oom, /tasks/exit
+(an init's exit only after the exits of its execs, which are killed when it
+dies), /tasks/delete.
 """
 
 from __future__ import annotations
@@ -16,11 +23,14 @@ import asyncio
 import contextlib
 import json
 import os
+import re
+import signal
+import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
+from typing import Any
 
+import betterproto
 import betterproto.lib.google.protobuf as pb
 import structlog
 
@@ -32,22 +42,50 @@ from daemon.errors import (
     NotFound,
     Unimplemented,
 )
+from daemon.typeurl import pack_any
+from plugins.runtime.runc_v2.shim import cgroups
+from plugins.runtime.runc_v2.shim.console import ConsoleSocket, receive_console, resize
+from plugins.runtime.runc_v2.shim.process import Container, Process
 from plugins.runtime.runc_v2.shim.reaper import Exit, Reaper
+from plugins.runtime.runc_v2.shim.rootfs import mount_rootfs, unmount_rootfs
+from plugins.runtime.runc_v2.shim.runc import DEFAULT_BINARY, Runc, RuncError
+from plugins.runtime.runc_v2.shim.stdio import ProcessIO
+from protos.containerd.events import (
+    TaskCreate,
+    TaskDelete,
+    TaskExecAdded,
+    TaskExecStarted,
+    TaskExit,
+    TaskIo,
+    TaskOom,
+    TaskPaused,
+    TaskResumed,
+    TaskStart,
+)
+from protos.containerd.runc.v1 import Options, ProcessDetails
 from protos.containerd.task.v2 import (
+    CloseIoRequest,
     ConnectRequest,
     ConnectResponse,
     CreateTaskRequest,
     CreateTaskResponse,
     DeleteRequest,
     DeleteResponse,
+    ExecProcessRequest,
     KillRequest,
+    PauseRequest,
     PidsRequest,
     PidsResponse,
+    ResizePtyRequest,
+    ResumeRequest,
     ShutdownRequest,
     StartRequest,
     StartResponse,
     StateRequest,
     StateResponse,
+    StatsRequest,
+    StatsResponse,
+    UpdateTaskRequest,
     WaitRequest,
     WaitResponse,
 )
@@ -55,230 +93,618 @@ from protos.containerd.v1.types import ProcessInfo, Status
 
 log = structlog.get_logger(__name__)
 
-VERSION = "berth-shim-runc-v2 0.1"
+VERSION = "berth-shim-runc-v2 0.2"
 
-RUNC = "runc"
+#: The runc binary when the request names none (main.py's ``delete`` uses it too).
+RUNC = DEFAULT_BINARY
+
+OPTIONS_TYPE = "containerd.runc.v1.Options"
+#: containerd's rule for exec ids (identifiers.Validate); they also name files in the bundle.
+EXEC_ID = re.compile(r"^[A-Za-z0-9]+(?:[._-](?:[A-Za-z0-9]+))*$")
+EXEC_ID_MAX = 76
+
+Publish = Callable[[str, betterproto.Message], None]
 
 
-@dataclass
-class Task:
-    id: str
-    bundle: str
-    pid: int
-    stdout: str
-    stderr: str
-    status: Status = Status.CREATED
-    exit_status: int = 0
-    exited_at: datetime | None = None
-    exited: asyncio.Event = field(default_factory=asyncio.Event)
+def _no_publish(topic: str, event: betterproto.Message) -> None:
+    log.debug("shim.event_dropped", topic=topic)
 
 
 class TaskService:
     """Handlers of containerd.task.v2.Task (bound with daemon.ttrpc.services.bind).
 
-    ``runc_root`` is runc's ``--root`` (state of the containers); ``on_shutdown``
-    is called once Shutdown decides the shim should exit.
+    ``runc_root`` is runc's ``--root`` when the request's options name none
+    (else ``<options.root>/<namespace>``, as containerd's shim does);
+    ``on_shutdown`` is called once Shutdown decides the shim should exit;
+    ``publish(topic, event)`` enqueues a task event for berthd and never blocks.
+    ``namespace`` defaults to $NAMESPACE, else the last part of ``runc_root``
+    (berth's layout is ``<state>/runc/<namespace>``).
     """
 
-    def __init__(self, reaper: Reaper, runc_root: str, on_shutdown: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        reaper: Reaper,
+        runc_root: str,
+        on_shutdown: Callable[[], None],
+        publish: Publish | None = None,
+        *,
+        namespace: str = "",
+    ) -> None:
         self._reaper = reaper
         self._runc_root = runc_root
         self._on_shutdown = on_shutdown
-        self._tasks: dict[str, Task] = {}
+        self._publish = publish or _no_publish
+        self._namespace = namespace or os.environ.get("NAMESPACE", "") or Path(runc_root).name
+        self._containers: dict[str, Container] = {}
+        self._creating: set[str] = set()
+        self._background: set[asyncio.Task[None]] = set()
         reaper.subscribe(self._on_exit)
 
-    # -- Task service -------------------------------------------------------
+    # -- Task service: the init -----------------------------------------------
 
     async def create(self, request: CreateTaskRequest) -> CreateTaskResponse:
-        if not request.id:
+        cid = request.id
+        if not cid:
             raise InvalidArgument("create: id must not be empty")
-        if request.id in self._tasks:
-            raise AlreadyExists(f"task {request.id!r}: already exists")
+        if cid in self._containers or cid in self._creating:
+            raise AlreadyExists(f"task {cid!r}: already exists")
         if not request.bundle:
-            raise InvalidArgument(f"task {request.id!r}: bundle must not be empty")
-        bundle = Path(request.bundle)
-        if not (bundle / "config.json").is_file():
-            raise InvalidArgument(f"task {request.id!r}: bundle {request.bundle!r} has no config.json")
-        if request.rootfs:
-            raise Unimplemented(f"task {request.id!r}: rootfs mounts are not supported yet")
-        if request.terminal:
-            raise Unimplemented(f"task {request.id!r}: terminal is not supported yet")
-        if request.stdin:
-            raise Unimplemented(f"task {request.id!r}: stdin is not supported yet")
+            raise InvalidArgument(f"task {cid!r}: bundle must not be empty")
         if request.checkpoint:
-            raise Unimplemented(f"task {request.id!r}: restore from checkpoint is not supported")
-        pid_file = bundle / "init.pid"
-        stdout = await asyncio.to_thread(_open_output, request.stdout)
+            raise Unimplemented(f"task {cid!r}: restore from checkpoint is not supported")
+        bundle = Path(request.bundle)
+        config = await asyncio.to_thread(_read_config, bundle, cid)
+        options = _options(request.options, cid)
+        runc = Runc(
+            self._reaper,
+            root=os.path.join(options.root, self._namespace) if options.root else self._runc_root,
+            bundle=str(bundle),
+            binary=options.binary_name,
+            systemd_cgroup=options.systemd_cgroup,
+        )
+        self._creating.add(cid)
         try:
-            stderr = await asyncio.to_thread(_open_output, request.stderr)
-        except BaseException:
-            os.close(stdout)
-            raise
-        try:
-            status, _ = await self._reaper.run(
-                [
-                    *self._runc("--log", str(bundle / "log.json"), "--log-format", "json", "create"),
-                    *("--bundle", str(bundle), "--pid-file", str(pid_file), request.id),
-                ],
-                stdout=stdout,
-                stderr=stderr,
-            )
+            return await self._create(request, bundle, config, options, runc)
         finally:
-            os.close(stdout)
-            os.close(stderr)
-        if status != 0:
-            raise Internal(
-                f"task {request.id!r}: runc create: {await asyncio.to_thread(_runc_error, bundle)}"
+            self._creating.discard(cid)
+
+    async def _create(
+        self, request: CreateTaskRequest, bundle: Path, config: dict[str, Any], options: Options, runc: Runc
+    ) -> CreateTaskResponse:
+        cid = request.id
+        await asyncio.to_thread(_write_options, bundle, options)
+        rootfs = bundle / "rootfs"
+        if request.rootfs:
+            await asyncio.to_thread(rootfs.mkdir, mode=0o711, exist_ok=True)
+            await mount_rootfs(self._reaper, request.rootfs, rootfs)
+        io: ProcessIO | None = None
+        try:
+            io = await asyncio.to_thread(
+                ProcessIO.open, request.stdin, request.stdout, request.stderr, request.terminal
             )
-        pid = int((await asyncio.to_thread(pid_file.read_text)).strip())
-        task = Task(request.id, str(bundle), pid, request.stdout, request.stderr)
-        self._tasks[task.id] = task
+            pid_file = bundle / "init.pid"
+            await self._spawn(
+                io,
+                lambda console: runc.create(
+                    cid, pid_file=str(pid_file), stdio=io.for_runc(), console_socket=console
+                ),
+                f"task {cid!r}",
+            )
+            pid = int((await asyncio.to_thread(pid_file.read_text)).strip())
+        except BaseException:
+            if io is not None:
+                await io.close()
+            if request.rootfs:
+                with contextlib.suppress(Exception):
+                    await unmount_rootfs(rootfs)
+            raise
+        init = Process(cid, "", io, pid=pid)
+        container = Container(
+            cid,
+            bundle,
+            runc,
+            init,
+            rootfs_mounted=bool(request.rootfs),
+            host_pid_namespace=not _has_pid_namespace(config),
+        )
+        self._containers[cid] = container
+        try:
+            container.cgroup = await asyncio.to_thread(cgroups.find, pid)
+        except OSError as exc:  # the init is gone already: its exit is on its way
+            log.warning("shim.cgroup_unknown", id=cid, pid=pid, error=str(exc))
+        self._watch_oom(container)
+        self._publish(
+            "/tasks/create",
+            TaskCreate(
+                container_id=cid,
+                bundle=str(bundle),
+                rootfs=list(request.rootfs),
+                io=TaskIo(
+                    stdin=request.stdin,
+                    stdout=request.stdout,
+                    stderr=request.stderr,
+                    terminal=request.terminal,
+                ),
+                checkpoint=request.checkpoint,
+                pid=pid,
+            ),
+        )
         early = self._reaper.take(pid)
         if early is not None:
-            self._exited(task, early)
-        log.info("shim.create", id=task.id, pid=pid)
+            self._process_exited(container, init, early)
+        log.info("shim.create", id=cid, pid=pid, terminal=request.terminal, rootfs=len(request.rootfs))
         return CreateTaskResponse(pid=pid)
 
     async def start(self, request: StartRequest) -> StartResponse:
-        task = self._task(request.id, request.exec_id)
-        if task.status != Status.CREATED:
-            raise FailedPrecondition(f"task {task.id!r}: cannot start a task in state {task.status.name}")
-        await self._check(task, "start", self._runc("start", task.id))
-        if task.status == Status.CREATED:
-            task.status = Status.RUNNING
-        log.info("shim.start", id=task.id, pid=task.pid)
-        return StartResponse(pid=task.pid)
+        container, process = self._process(request.id, request.exec_id)
+        if process.exec_id:
+            return await self._start_exec(container, process)
+        if process.status != Status.CREATED:
+            raise FailedPrecondition(
+                f"task {container.id!r}: cannot start a task in state {process.status.name}"
+            )
+        await self._runc_call(container, "start", container.runc.start(container.id))
+        if process.status == Status.CREATED:
+            process.status = Status.RUNNING
+        self._publish("/tasks/start", TaskStart(container_id=container.id, pid=process.pid))
+        log.info("shim.start", id=container.id, pid=process.pid)
+        return StartResponse(pid=process.pid)
 
     async def state(self, request: StateRequest) -> StateResponse:
-        task = self._task(request.id, request.exec_id)
+        container, process = self._process(request.id, request.exec_id)
         response = StateResponse(
-            id=task.id,
-            bundle=task.bundle,
-            pid=task.pid,
-            status=task.status,
-            stdout=task.stdout,
-            stderr=task.stderr,
-            exit_status=task.exit_status,
+            id=process.id,
+            exec_id=process.exec_id,
+            bundle=str(container.bundle),
+            pid=process.pid,
+            status=process.status,
+            stdin=process.io.stdin_path,
+            stdout=process.io.stdout_path,
+            stderr=process.io.stderr_path,
+            terminal=process.io.terminal,
+            exit_status=process.exit_status,
         )
-        if task.exited_at is not None:
-            response.exited_at = task.exited_at
+        if process.exited_at is not None:
+            response.exited_at = process.exited_at
         return response
 
     async def kill(self, request: KillRequest) -> pb.Empty:
-        task = self._task(request.id, request.exec_id)
-        if task.status == Status.STOPPED:
-            raise NotFound(f"task {task.id!r}: process already finished")
+        container, process = self._process(request.id, request.exec_id)
+        what = _name(container, process)
         if request.signal <= 0:
-            raise InvalidArgument(f"task {task.id!r}: signal must be positive, got {request.signal}")
-        args = ["kill", *(["--all"] if request.all else []), task.id, str(request.signal)]
-        try:
-            await self._check(task, "kill", self._runc(*args))
-        except Internal:
-            if task.status == Status.STOPPED:  # it exited while runc looked for it
-                raise NotFound(f"task {task.id!r}: process already finished") from None
-            raise
-        log.info("shim.kill", id=task.id, signal=request.signal)
+            raise InvalidArgument(f"{what}: signal must be positive, got {request.signal}")
+        if process.status == Status.STOPPED:
+            raise NotFound(f"{what}: process already finished")
+        if process.exec_id:
+            if process.pid <= 0:
+                raise FailedPrecondition(f"{what}: process not started")
+            try:
+                os.kill(process.pid, request.signal)
+            except ProcessLookupError:
+                raise NotFound(f"{what}: process already finished") from None
+        else:
+            try:
+                await container.runc.kill(container.id, request.signal, all=request.all)
+            except RuncError as exc:
+                if process.status == Status.STOPPED or "not running" in str(exc):
+                    raise NotFound(f"{what}: process already finished") from None
+                raise Internal(f"{what}: {exc}") from None
+        log.info("shim.kill", id=container.id, exec_id=process.exec_id, signal=request.signal)
         return pb.Empty()
 
     async def wait(self, request: WaitRequest) -> WaitResponse:
-        task = self._task(request.id, request.exec_id)
-        await task.exited.wait()
-        assert task.exited_at is not None
-        return WaitResponse(exit_status=task.exit_status, exited_at=task.exited_at)
+        _, process = self._process(request.id, request.exec_id)
+        await process.exited.wait()
+        assert process.exited_at is not None
+        return WaitResponse(exit_status=process.exit_status, exited_at=process.exited_at)
 
     async def delete(self, request: DeleteRequest) -> DeleteResponse:
-        task = self._task(request.id, request.exec_id)
-        if task.status == Status.RUNNING:
-            raise FailedPrecondition(f"task {task.id!r}: cannot delete a running task, kill it first")
-        # runc deletes a created container by killing its init: its exit comes through the reaper.
-        await self._check(task, "delete", self._runc("delete", "--force", task.id))
-        await task.exited.wait()
-        del self._tasks[task.id]
-        assert task.exited_at is not None
-        log.info("shim.delete", id=task.id, exit_status=task.exit_status)
-        return DeleteResponse(pid=task.pid, exit_status=task.exit_status, exited_at=task.exited_at)
+        container, process = self._process(request.id, request.exec_id)
+        if process.exec_id:
+            return await self._delete_exec(container, process)
+        if process.status in (Status.RUNNING, Status.PAUSED):
+            raise FailedPrecondition(
+                f"task {container.id!r}: cannot delete a {process.status.name.lower()} task, kill it first"
+            )
+        try:
+            # A created container is deleted by killing its init: its exit comes through the reaper.
+            await container.runc.delete(container.id, force=True)
+        except RuncError as exc:
+            if "does not exist" not in str(exc):
+                raise Internal(f"task {container.id!r}: {exc}") from None
+        if process.pid > 0:
+            await process.exited.wait()
+        del self._containers[container.id]
+        await self._release(container)
+        assert process.exited_at is not None
+        self._publish(
+            "/tasks/delete",
+            TaskDelete(
+                container_id=container.id,
+                pid=process.pid,
+                exit_status=process.exit_status,
+                exited_at=process.exited_at,
+            ),
+        )
+        log.info("shim.delete", id=container.id, exit_status=process.exit_status)
+        return DeleteResponse(pid=process.pid, exit_status=process.exit_status, exited_at=process.exited_at)
 
     async def pids(self, request: PidsRequest) -> PidsResponse:
-        task = self._task(request.id, "")
-        if task.status == Status.STOPPED:
+        container, init = self._process(request.id, "")
+        if init.status == Status.STOPPED:
             return PidsResponse()
-        output = await self._check(task, "ps", self._runc("ps", "--format", "json", task.id))
+        pids = await self._runc_call(container, "ps", container.runc.ps(container.id))
+        execs = {p.pid: p.exec_id for p in container.execs.values() if p.pid > 0}
+        processes = []
+        for pid in pids:
+            info = ProcessInfo(pid=pid)
+            if pid in execs:
+                info.info = pack_any(ProcessDetails(exec_id=execs[pid]))
+            processes.append(info)
+        return PidsResponse(processes=processes)
+
+    async def pause(self, request: PauseRequest) -> pb.Empty:
+        container, init = self._process(request.id, "")
+        if init.status != Status.RUNNING:
+            raise FailedPrecondition(
+                f"task {container.id!r}: cannot pause a task in state {init.status.name}"
+            )
+        init.status = Status.PAUSING
         try:
-            pids = json.loads(output) or []
+            await self._runc_call(container, "pause", container.runc.pause(container.id))
+        except BaseException:
+            if init.status == Status.PAUSING:
+                init.status = Status.RUNNING
+            raise
+        if init.status == Status.PAUSING:
+            init.status = Status.PAUSED
+        self._publish("/tasks/paused", TaskPaused(container_id=container.id))
+        log.info("shim.pause", id=container.id)
+        return pb.Empty()
+
+    async def resume(self, request: ResumeRequest) -> pb.Empty:
+        container, init = self._process(request.id, "")
+        if init.status != Status.PAUSED:
+            raise FailedPrecondition(
+                f"task {container.id!r}: cannot resume a task in state {init.status.name}"
+            )
+        await self._runc_call(container, "resume", container.runc.resume(container.id))
+        if init.status == Status.PAUSED:
+            init.status = Status.RUNNING
+        self._publish("/tasks/resumed", TaskResumed(container_id=container.id))
+        log.info("shim.resume", id=container.id)
+        return pb.Empty()
+
+    async def update(self, request: UpdateTaskRequest) -> pb.Empty:
+        """``runc update --resources``: the Any's value is the OCI LinuxResources JSON."""
+        container, init = self._process(request.id, "")
+        if init.status == Status.STOPPED:
+            raise FailedPrecondition(f"task {container.id!r}: cannot update a stopped task")
+        if not request.resources.value:
+            raise InvalidArgument(f"task {container.id!r}: resources must not be empty")
+        try:
+            resources = json.loads(request.resources.value)
         except ValueError as exc:
-            raise Internal(f"task {task.id!r}: runc ps: unparseable output {output[:200]!r}") from exc
-        return PidsResponse(processes=[ProcessInfo(pid=int(pid)) for pid in pids])
+            raise InvalidArgument(
+                f"task {container.id!r}: resources are not LinuxResources JSON: {exc}"
+            ) from None
+        if not isinstance(resources, dict):
+            raise InvalidArgument(f"task {container.id!r}: resources must be a JSON object")
+        path = await asyncio.to_thread(_write_temp, container.bundle, "resources-", request.resources.value)
+        try:
+            await self._runc_call(container, "update", container.runc.update(container.id, path))
+        finally:
+            await asyncio.to_thread(_unlink, path)
+        log.info("shim.update", id=container.id)
+        return pb.Empty()
+
+    async def stats(self, request: StatsRequest) -> StatsResponse:
+        container, _ = self._process(request.id, "")
+        cgroup = container.cgroup
+        if cgroup is None:
+            raise FailedPrecondition(f"task {container.id!r}: its cgroup is unknown (the init exited early)")
+        if cgroup.unified:
+            if cgroup.v2 is None:
+                raise FailedPrecondition(f"task {container.id!r}: no cgroup v2 directory")
+            v2_dir = cgroup.v2
+            metrics: betterproto.Message = await asyncio.to_thread(cgroups.stats_v2, v2_dir)
+        else:
+            metrics = await asyncio.to_thread(cgroups.stats_v1, dict(cgroup.v1))
+        return StatsResponse(stats=pack_any(metrics))
 
     async def connect(self, request: ConnectRequest) -> ConnectResponse:
-        task = self._tasks.get(request.id)
-        return ConnectResponse(shim_pid=os.getpid(), task_pid=task.pid if task else 0, version=VERSION)
+        container = self._containers.get(request.id)
+        return ConnectResponse(
+            shim_pid=os.getpid(), task_pid=container.init.pid if container else 0, version=VERSION
+        )
 
     async def shutdown(self, request: ShutdownRequest) -> pb.Empty:
         """Exit the shim once it holds no task (or at once with ``now``), as upstream.
 
         The exit is scheduled after this call, so the caller still gets its reply.
         """
-        if self._tasks and not request.now:
-            log.info("shim.shutdown_refused", tasks=len(self._tasks))
+        if (self._containers or self._creating) and not request.now:
+            log.info("shim.shutdown_refused", tasks=len(self._containers))
             return pb.Empty()
         log.info("shim.shutdown", now=request.now)
         asyncio.get_running_loop().call_soon(self._on_shutdown)
         return pb.Empty()
 
-    # -- internals ----------------------------------------------------------
+    # -- Task service: execs and stdio ----------------------------------------
 
-    def _task(self, task_id: str, exec_id: str) -> Task:
+    async def exec(self, request: ExecProcessRequest) -> pb.Empty:
+        container, init = self._process(request.id, "")
+        exec_id = request.exec_id
+        if not exec_id:
+            raise InvalidArgument(f"task {container.id!r}: exec_id must not be empty")
+        if len(exec_id) > EXEC_ID_MAX or not EXEC_ID.match(exec_id):
+            raise InvalidArgument(
+                f"task {container.id!r}: exec_id {exec_id!r} must be letters, digits and inner '._-', "
+                f"at most {EXEC_ID_MAX} characters"
+            )
+        if exec_id in container.execs:
+            raise AlreadyExists(f"task {container.id!r}: exec {exec_id!r} already exists")
+        if init.status == Status.STOPPED or container.init_exit is not None:
+            raise FailedPrecondition(f"task {container.id!r}: cannot exec in a stopped state")
+        if not request.spec.value:
+            raise InvalidArgument(f"task {container.id!r}: exec {exec_id!r}: spec must not be empty")
+        try:
+            spec = json.loads(request.spec.value)
+        except ValueError as exc:
+            raise InvalidArgument(
+                f"task {container.id!r}: exec {exec_id!r}: spec is not an OCI Process JSON: {exc}"
+            ) from None
+        if not isinstance(spec, dict) or not spec.get("args"):
+            raise InvalidArgument(f"task {container.id!r}: exec {exec_id!r}: spec.args must not be empty")
+        io = await asyncio.to_thread(
+            ProcessIO.open, request.stdin, request.stdout, request.stderr, request.terminal
+        )
+        if exec_id in container.execs or container.id not in self._containers:  # raced while opening
+            await io.close()
+            raise AlreadyExists(f"task {container.id!r}: exec {exec_id!r} already exists")
+        process = Process(container.id, exec_id, io, spec=request.spec.value)
+        container.execs[exec_id] = process
+        self._publish("/tasks/exec-added", TaskExecAdded(container_id=container.id, exec_id=exec_id))
+        log.info("shim.exec", id=container.id, exec_id=exec_id, terminal=request.terminal)
+        return pb.Empty()
+
+    async def _start_exec(self, container: Container, process: Process) -> StartResponse:
+        what = _name(container, process)
+        if process.status != Status.CREATED or process.pid > 0:
+            raise FailedPrecondition(f"{what}: cannot start a process in state {process.status.name}")
+        if container.init.status == Status.STOPPED or container.init_exit is not None:
+            raise FailedPrecondition(f"{what}: cannot exec in a stopped state")
+        process.status = Status.RUNNING  # claims the start (a second Start is refused)
+        spec_file = await asyncio.to_thread(_write_temp, container.bundle, "runc-process-", process.spec)
+        pid_file = container.bundle / f"{process.exec_id}.pid"
+        try:
+            await self._spawn(
+                process.io,
+                lambda console: container.runc.exec(
+                    container.id,
+                    process_file=spec_file,
+                    pid_file=str(pid_file),
+                    stdio=process.io.for_runc(),
+                    console_socket=console,
+                ),
+                what,
+            )
+            pid = int((await asyncio.to_thread(pid_file.read_text)).strip())
+        except BaseException:
+            process.status = Status.CREATED
+            raise
+        finally:
+            await asyncio.to_thread(_unlink, spec_file)
+        process.pid = pid
+        self._publish(
+            "/tasks/exec-started",
+            TaskExecStarted(container_id=container.id, exec_id=process.exec_id, pid=pid),
+        )
+        early = self._reaper.take(pid)
+        if early is not None:
+            self._process_exited(container, process, early)
+        log.info("shim.exec_start", id=container.id, exec_id=process.exec_id, pid=pid)
+        return StartResponse(pid=pid)
+
+    async def _delete_exec(self, container: Container, process: Process) -> DeleteResponse:
+        what = _name(container, process)
+        if process.running:
+            raise FailedPrecondition(f"{what}: cannot delete a running process, kill it first")
+        container.execs.pop(process.exec_id, None)
+        await process.io.close()
+        await asyncio.to_thread(_unlink, str(container.bundle / f"{process.exec_id}.pid"))
+        response = DeleteResponse(pid=process.pid, exit_status=process.exit_status)
+        if process.exited_at is not None:
+            response.exited_at = process.exited_at
+        log.info("shim.exec_delete", id=container.id, exec_id=process.exec_id)
+        return response
+
+    async def resize_pty(self, request: ResizePtyRequest) -> pb.Empty:
+        container, process = self._process(request.id, request.exec_id)
+        if process.io.console is None:
+            raise FailedPrecondition(f"{_name(container, process)}: has no terminal")
+        resize(process.io.console, width=request.width, height=request.height)
+        return pb.Empty()
+
+    async def close_io(self, request: CloseIoRequest) -> pb.Empty:
+        _, process = self._process(request.id, request.exec_id)
+        if request.stdin:
+            process.io.close_stdin()
+        return pb.Empty()
+
+    # -- internals ------------------------------------------------------------
+
+    def _process(self, task_id: str, exec_id: str) -> tuple[Container, Process]:
         if not task_id:
             raise InvalidArgument("id must not be empty")
-        task = self._tasks.get(task_id)
-        if task is None:
+        container = self._containers.get(task_id)
+        if container is None:
             raise NotFound(f"task {task_id!r}: not found")
-        if exec_id:
+        if not exec_id:
+            return container, container.init
+        process = container.execs.get(exec_id)
+        if process is None:
             raise NotFound(f"task {task_id!r}: exec {exec_id!r}: not found")
-        return task
+        return container, process
 
-    def _runc(self, *args: str) -> list[str]:
-        return [RUNC, "--root", self._runc_root, *args]
+    async def _spawn(self, io: ProcessIO, command: Callable[[str], Any], what: str) -> None:
+        """Run runc create/exec for ``io``: with a console socket for a terminal; runc errors -> Internal."""
+        try:
+            if io.terminal:
+                console = ConsoleSocket()
+                try:
+                    master = await receive_console(console, command(console.path))
+                finally:
+                    console.close()
+                io.attach_console(master)
+            else:
+                await command("")
+        except RuncError as exc:
+            raise Internal(f"{what}: {exc}") from None
+        io.started()
 
-    async def _check(self, task: Task, what: str, argv: list[str]) -> str:
-        status, output = await self._reaper.run(argv)
-        text = output.decode(errors="replace")
-        if status != 0:
-            message = text.strip().splitlines()[-1] if text.strip() else f"exit status {status}"
-            raise Internal(f"task {task.id!r}: runc {what}: {message}")
-        return text
+    async def _runc_call(self, container: Container, what: str, call: Any) -> Any:
+        try:
+            return await call
+        except RuncError as exc:
+            raise Internal(f"task {container.id!r}: {exc}") from None
 
     def _on_exit(self, ended: Exit) -> None:
-        for task in self._tasks.values():
-            if task.pid == ended.pid and not task.exited.is_set():
-                self._reaper.take(ended.pid)
-                self._exited(task, ended)
+        for container in list(self._containers.values()):
+            for process in container.processes():
+                if process.pid == ended.pid and process.running:
+                    self._reaper.take(ended.pid)
+                    self._process_exited(container, process, ended)
+                    return
 
-    def _exited(self, task: Task, ended: Exit) -> None:
-        task.status = Status.STOPPED
-        task.exit_status = ended.status
-        task.exited_at = ended.at
-        task.exited.set()
-        log.info("shim.exit", id=task.id, pid=ended.pid, status=ended.status)
+    def _process_exited(self, container: Container, process: Process, ended: Exit) -> None:
+        if process.exec_id:
+            process.set_exited(ended)
+            self._publish_exit(container, process)
+            if container.init_exit is not None and not container.running_execs():
+                self._init_exited(container, container.init_exit)
+            return
+        # The OOM watch stays until delete: its event may come after the exit it caused.
+        running = container.running_execs()
+        if running or container.host_pid_namespace:
+            # containerd's order: the execs die (and their exits go out) before the init's exit.
+            container.init_exit = ended
+            self._background_task(self._kill_execs(container, running))
+            if not running:
+                self._init_exited(container, ended)
+            return
+        self._init_exited(container, ended)
+
+    def _init_exited(self, container: Container, ended: Exit) -> None:
+        container.init_exit = None
+        container.init.set_exited(ended)
+        self._publish_exit(container, container.init)
+
+    def _publish_exit(self, container: Container, process: Process) -> None:
+        assert process.exited_at is not None
+        self._publish(
+            "/tasks/exit",
+            TaskExit(
+                container_id=container.id,
+                id=process.id,
+                pid=process.pid,
+                exit_status=process.exit_status,
+                exited_at=process.exited_at,
+            ),
+        )
+        log.info(
+            "shim.exit", id=container.id, exec_id=process.exec_id, pid=process.pid, status=process.exit_status
+        )
+
+    async def _kill_execs(self, container: Container, running: list[Process]) -> None:
+        for process in running:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGKILL)
+        if container.host_pid_namespace:  # nothing else takes the rest of the container down
+            with contextlib.suppress(RuncError):
+                await container.runc.kill(container.id, signal.SIGKILL, all=True)
+
+    def _watch_oom(self, container: Container) -> None:
+        cgroup = container.cgroup
+        if cgroup is None or cgroup.unified or "memory" not in cgroup.v1:
+            return
+
+        def oom() -> None:
+            log.info("shim.oom", id=container.id)
+            self._publish("/tasks/oom", TaskOom(container_id=container.id))
+
+        try:
+            container.oom = cgroups.OomWatch(cgroup.v1["memory"], oom)
+        except OSError as exc:
+            log.warning("shim.oom_watch_failed", id=container.id, error=str(exc))
+
+    async def _release(self, container: Container) -> None:
+        """Everything Create set up, after runc delete: stdio, rootfs, cgroups, OOM watch."""
+        if container.oom is not None:
+            container.oom.close()
+            container.oom = None
+        for process in container.processes():
+            await process.io.close()
+        if container.rootfs_mounted:
+            try:
+                await unmount_rootfs(container.bundle / "rootfs")
+            except Exception as exc:  # noqa: BLE001 - reported; the task is gone either way
+                log.error("shim.unmount_failed", id=container.id, error=str(exc))
+        if container.cgroup is not None:
+            await asyncio.to_thread(cgroups.remove, container.cgroup)
+        for name in ("init.pid",):
+            await asyncio.to_thread(_unlink, str(container.bundle / name))
+
+    def _background_task(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
 
-def _open_output(target: str) -> int:
-    """An fd for a task's stdout/stderr: a file path or file:// URI (appended to), or /dev/null."""
-    if not target:
-        return os.open(os.devnull, os.O_WRONLY)
-    path = target.removeprefix("file://")
-    if "://" in path:
-        raise Unimplemented(f"io {target!r}: only file paths and file:// URIs are supported")
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+def _name(container: Container, process: Process) -> str:
+    return f"task {container.id!r}" + (f": exec {process.exec_id!r}" if process.exec_id else "")
 
 
-def _runc_error(bundle: Path) -> str:
-    """The last error runc logged to the bundle's log.json, for messages to the caller."""
-    message = "unknown error"
-    with contextlib.suppress(OSError):
-        for line in (bundle / "log.json").read_text(errors="replace").splitlines():
-            with contextlib.suppress(ValueError):
-                entry = json.loads(line)
-                if isinstance(entry, dict) and entry.get("level") in ("error", "fatal"):
-                    message = str(entry.get("msg", message))
-    return message
+def _read_config(bundle: Path, cid: str) -> dict[str, Any]:
+    try:
+        config = json.loads((bundle / "config.json").read_text())
+    except FileNotFoundError:
+        raise InvalidArgument(f"task {cid!r}: bundle {str(bundle)!r} has no config.json") from None
+    except (OSError, ValueError) as exc:
+        raise InvalidArgument(f"task {cid!r}: bundle {str(bundle)!r}: config.json: {exc}") from None
+    if not isinstance(config, dict):
+        raise InvalidArgument(f"task {cid!r}: bundle {str(bundle)!r}: config.json is not an object")
+    return config
+
+
+def _has_pid_namespace(config: dict[str, Any]) -> bool:
+    namespaces = (config.get("linux") or {}).get("namespaces") or []
+    return any(isinstance(ns, dict) and ns.get("type") == "pid" and not ns.get("path") for ns in namespaces)
+
+
+def _options(value: pb.Any, cid: str) -> Options:
+    if not value.type_url and not value.value:
+        return Options()
+    name = value.type_url.rsplit("/", 1)[-1]
+    if name != OPTIONS_TYPE:
+        raise InvalidArgument(f"task {cid!r}: options of type {value.type_url!r}, want {OPTIONS_TYPE}")
+    return Options().parse(value.value)
+
+
+def _write_options(bundle: Path, options: Options) -> None:
+    """``<bundle>/options.json`` as containerd's shim writes it, so ``delete`` finds runc later."""
+    data = options.to_dict(casing=betterproto.Casing.SNAKE)
+    path = bundle / "options.json"
+    path.write_text(json.dumps(data))
+
+
+def _write_temp(directory: Path, prefix: str, data: bytes) -> str:
+    fd, path = tempfile.mkstemp(prefix=prefix, suffix=".json", dir=directory)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return path
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
