@@ -10,11 +10,12 @@ FailedPrecondition, InvalidArgument, Unavailable ...), never OSError.
 
 Plugin types: ``berth.content.v1`` -> :class:`ContentStore`,
 ``berth.snapshotter.v1`` -> :class:`Snapshotter`, ``berth.diff.v1`` ->
-:class:`Applier`.
+:class:`Applier`, ``berth.runtime.v2`` -> :class:`TaskManager`.
 """
 
 from __future__ import annotations
 
+import builtins
 import enum
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -254,3 +255,236 @@ class Applier(Protocol):
     """
 
     async def apply(self, desc: Descriptor, mounts: Sequence[Mount], stream: ByteStream) -> Descriptor: ...
+
+
+# -- runtime -----------------------------------------------------------------
+
+
+class TaskStatus(enum.IntEnum):
+    """A process's state, numbered as containerd's ``task.Status`` on the wire."""
+
+    UNKNOWN = 0
+    CREATED = 1
+    RUNNING = 2
+    STOPPED = 3
+    PAUSED = 4
+    PAUSING = 5
+
+
+@dataclass(frozen=True)
+class Opaque:
+    """A ``google.protobuf.Any`` the runtime passes through (runc options, OCI resources, stats)."""
+
+    type_url: str
+    value: bytes = b""
+
+
+@dataclass(frozen=True)
+class TaskIO:
+    """Where a process's stdio goes: FIFO paths or URIs (``file://``, ``binary://``), as given."""
+
+    stdin: str = ""
+    stdout: str = ""
+    stderr: str = ""
+    terminal: bool = False
+
+
+#: no stdio at all (the default of create and exec)
+NO_IO = TaskIO()
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    pid: int
+    exit_status: int
+    exited_at: datetime
+
+
+@dataclass(frozen=True)
+class ProcessState:
+    """A task's init process (``exec_id`` empty) or one of its execs, as Tasks.Get reports it."""
+
+    container_id: str
+    exec_id: str
+    pid: int
+    status: TaskStatus
+    io: TaskIO = NO_IO
+    exit_status: int = 0
+    exited_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class PidInfo:
+    pid: int
+    info: Opaque | None = None
+
+
+@runtime_checkable
+class TaskManager(Protocol):
+    """Tasks: the running side of containers (plugin type ``berth.runtime.v2``).
+
+    How a container is run, step by step (the Tasks service maps its RPCs
+    one to one onto these calls)::
+
+        await rt.create(ns, "web", io=TaskIO(stdout="/run/x/web.out"))  # bundle + shim + runc create
+        await rt.start(ns, "web")                                      # runc start; /tasks/start
+        ...
+        await rt.kill(ns, "web", signal=15)
+        exited = await rt.wait(ns, "web")                              # the init's exit status
+        await rt.delete(ns, "web")                                     # runc delete, unmount, bundle gone
+
+    ``create`` reads the container record (spec, snapshot) from metadata:
+    NotFound for an unknown container or snapshot, AlreadyExists for a
+    second task of the same container. ``rootfs`` mounts given by the client
+    win over the container's snapshot (``ctr`` passes them). Every process
+    exit is published on the bus as ``/tasks/exit`` at least once, also when
+    its shim dies (status 137) or when it happened while berthd was down.
+    Errors of the shim keep their codes (NotFound for an unknown exec,
+    FailedPrecondition for deleting a running task ...).
+    """
+
+    async def create(
+        self,
+        namespace: str,
+        container_id: str,
+        *,
+        io: TaskIO = NO_IO,
+        rootfs: Sequence[Mount] = (),
+        options: Opaque | None = None,
+    ) -> ProcessState: ...
+
+    async def start(self, namespace: str, container_id: str, exec_id: str = "") -> int:
+        """Start the init (or an exec added with :meth:`exec`); its pid."""
+        ...
+
+    async def delete(self, namespace: str, container_id: str) -> ExitStatus:
+        """Delete a stopped (or never started) task: nothing of it is left afterwards."""
+        ...
+
+    async def delete_process(self, namespace: str, container_id: str, exec_id: str) -> ExitStatus: ...
+
+    async def get(self, namespace: str, container_id: str, exec_id: str = "") -> ProcessState: ...
+
+    async def list(self, namespace: str) -> list[ProcessState]:
+        """Every task (init processes) of ``namespace``."""
+        ...
+
+    async def kill(
+        self,
+        namespace: str,
+        container_id: str,
+        exec_id: str = "",
+        *,
+        signal: int,
+        all: bool = False,  # noqa: A002
+    ) -> None: ...
+
+    async def exec(
+        self, namespace: str, container_id: str, exec_id: str, *, spec: Opaque, io: TaskIO = NO_IO
+    ) -> None:
+        """Add an exec (``spec``: an OCI process, JSON); it runs once started."""
+        ...
+
+    async def resize_pty(
+        self, namespace: str, container_id: str, exec_id: str, width: int, height: int
+    ) -> None: ...
+
+    async def close_io(self, namespace: str, container_id: str, exec_id: str, *, stdin: bool) -> None: ...
+
+    async def pause(self, namespace: str, container_id: str) -> None: ...
+
+    async def resume(self, namespace: str, container_id: str) -> None: ...
+
+    async def pids(self, namespace: str, container_id: str) -> builtins.list[PidInfo]: ...
+
+    async def update(
+        self,
+        namespace: str,
+        container_id: str,
+        *,
+        resources: Opaque | None = None,
+        annotations: Mapping[str, str] | None = None,
+    ) -> None: ...
+
+    async def stats(self, namespace: str, container_id: str) -> Opaque | None:
+        """The shim's cgroup statistics (``io.containerd.cgroups.v1.Metrics`` or ``.v2.Metrics``)."""
+        ...
+
+    async def wait(self, namespace: str, container_id: str, exec_id: str = "") -> ExitStatus:
+        """Block until the process exits (returns at once if it has); never hangs on a dead shim."""
+        ...
+
+
+# -- images (appended with ImageManager: these imports serve it alone) -----------
+
+from typing import TYPE_CHECKING, Any  # noqa: E402
+
+if TYPE_CHECKING:
+    from daemon.metadata.images import Image
+
+
+class ImageManager(Protocol):
+    """The images plugin (``berth.images.v1``) as other plugins call it (the CRI plugin first).
+
+    Every call takes the namespace first. Records are :class:`daemon.metadata.images.Image`
+    (a name pointing at a target descriptor); changes publish containerd's
+    ``/images/create|update|delete`` events. How a CRI PullImage uses it::
+
+        image = await images.pull("k8s.io", "docker.io/library/busybox:latest",
+                                  auth=creds, labels={"io.cri-containerd.image": "managed"})
+        local = await images.inspect("k8s.io", image)        # manifest + config for the platform
+        await images.save("k8s.io", local.config.descriptor.digest, image.target, labels)
+    """
+
+    async def get(self, namespace: str, name: str) -> Image:
+        """The record ``name``; NotFound if there is none."""
+        ...
+
+    async def list(self, namespace: str, filters: Sequence[str] = ()) -> builtins.list[Image]:
+        """Records matching containerd filters (``name==...``, ``labels."k"==v``); all without filters."""
+        ...
+
+    async def save(
+        self, namespace: str, name: str, target: Descriptor, labels: Mapping[str, str] | None = None
+    ) -> Image:
+        """Point ``name`` at ``target`` (create, or update the target and these labels)."""
+        ...
+
+    async def remove(self, namespace: str, name: str, *, target_digest: str = "", sync: bool = False) -> None:
+        """Delete the record (NotFound if absent, or no longer pointing at ``target_digest``).
+
+        Its blobs and snapshots go with the next garbage collection, before returning if ``sync``.
+        """
+        ...
+
+    async def pull(
+        self,
+        namespace: str,
+        ref: str,
+        *,
+        platform: str | None = None,
+        auth: Any = None,
+        labels: Mapping[str, str] | None = None,
+        snapshotter: str | None = None,
+        unpack: bool = True,
+    ) -> Image:
+        """Fetch ``ref`` (a normalized reference), unpack it into ``snapshotter``, record it; the record.
+
+        ``auth`` replaces the configured credentials of the registry host for this pull:
+        None, or an object with the attributes of the images plugin's ``Credentials``
+        (``username``, ``password``, ``identity_token``, ``registry_token`` strings, ``key``
+        a non-secret fingerprint, false when all are empty). Identical concurrent pulls
+        share one download. Errors: InvalidArgument (reference), NotFound (no such
+        image or platform), PermissionDenied (credentials), Unavailable (registry down).
+        """
+        ...
+
+    async def inspect(self, namespace: str, image: Image | str, *, platform: str | None = None) -> Any:
+        """The image as the content store holds it for ``platform`` (default: configured, else host).
+
+        The result has ``config.descriptor`` (the config blob's Descriptor: its digest is
+        the image id), ``config.raw`` (the config JSON as a dict), ``chain_ids`` (list of
+        str, bottom layer first) and ``size`` (bytes of index, manifest, config, layers).
+        NotFound naming the missing blob if the content is not there.
+        """
+        ...
