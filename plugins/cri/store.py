@@ -77,8 +77,10 @@ class NameIndex:
             raise AlreadyExists(f'name "{name}" is reserved for "{holder}"')
         self._holders[name] = key
 
-    def release(self, name: str) -> None:
-        self._holders.pop(name, None)
+    def release(self, name: str, key: str | None = None) -> None:
+        """Free ``name``; with ``key``, only if ``key`` still holds it (a late undo frees no one else's)."""
+        if key is None or self._holders.get(name) == key:
+            self._holders.pop(name, None)
 
     def holder(self, name: str) -> str | None:
         return self._holders.get(name)
@@ -233,13 +235,21 @@ class CriStore:
                 sb_meta = SandboxMeta(**_known(SandboxMeta, doc))
                 sb_status = SandboxStatus(**_known(SandboxStatus, status_doc or {}))
                 self.sandboxes[record.id] = Entry(sb_meta, sb_status, labels, annotations)
-                self.sandbox_names.reserve(sb_meta.name, record.id)
+                self._reserve_loaded(self.sandbox_names, sb_meta.name, record.id)
             else:
                 c_meta = ContainerMeta(**_known(ContainerMeta, doc))
                 c_status = ContainerStatus(**_known(ContainerStatus, status_doc or {"state": "unknown"}))
                 self.containers[record.id] = Entry(c_meta, c_status, labels, annotations)
-                self.container_names.reserve(c_meta.name, record.id)
+                self._reserve_loaded(self.container_names, c_meta.name, record.id)
         log.info("cri.store.loaded", sandboxes=len(self.sandboxes), containers=len(self.containers))
+
+    @staticmethod
+    def _reserve_loaded(index: NameIndex, name: str, id_: str) -> None:
+        # Two records with one name cannot be made by berth; if found, both load, the first keeps it.
+        try:
+            index.reserve(name, id_)
+        except AlreadyExists as exc:
+            log.warning("cri.store.duplicate_name", id=id_, error=exc.message)
 
     def _read_status(self, kind: str, id_: str) -> dict[str, Any] | None:
         try:
@@ -261,9 +271,26 @@ class CriStore:
 
     # -- changes -------------------------------------------------------------------------
 
-    async def add_sandbox(self, sb: Sandbox, record_labels: Mapping[str, str] | None = None) -> None:
-        """Persist a new sandbox (record + status); its name must be reserved by the caller."""
-        await self._create_record(KIND_SANDBOX, sb, record_labels, snapshot=("", ""), image="")
+    async def add_sandbox(
+        self,
+        sb: Sandbox,
+        record_labels: Mapping[str, str] | None = None,
+        *,
+        spec: bytes | None = None,
+        image: str = "",
+        snapshotter: str = "",
+        snapshot_key: str = "",
+    ) -> None:
+        """Persist a new sandbox (record + status); its name must be reserved by the caller.
+
+        ``spec`` (OCI JSON) is given when the sandbox runs an infra task: the
+        runtime plugin creates that task from this record (id = sandbox id),
+        as containerd runs the pause container from the sandbox's record.
+        ``image``/``snapshot_key`` when that task runs from an image.
+        """
+        await self._create_record(
+            KIND_SANDBOX, sb, record_labels, snapshot=(snapshotter, snapshot_key), image=image, spec=spec
+        )
         self.sandboxes[sb.id] = sb
 
     async def add_container(
@@ -310,6 +337,9 @@ class CriStore:
                 EXTENSION: TypedValue(EXTENSION_TYPE, _meta_json(entry.meta, entry.labels, entry.annotations))
             },
         )
+        if entry.id in self.sandboxes or entry.id in self.containers:
+            # before anything is written: the status file belongs to the existing object
+            raise AlreadyExists(f'{kind} "{entry.id}": already exists')
         await self.save_status(entry)
         try:
             await self._records.create(NAMESPACE, record)
@@ -326,12 +356,12 @@ class CriStore:
     async def remove_sandbox(self, sb: Sandbox) -> None:
         await self._remove(KIND_SANDBOX, sb.id)
         self.sandboxes.pop(sb.id, None)
-        self.sandbox_names.release(sb.meta.name)
+        self.sandbox_names.release(sb.meta.name, sb.id)
 
     async def remove_container(self, c: CriContainer) -> None:
         await self._remove(KIND_CONTAINER, c.id)
         self.containers.pop(c.id, None)
-        self.container_names.release(c.meta.name)
+        self.container_names.release(c.meta.name, c.id)
 
     async def _remove(self, kind: str, id_: str) -> None:
         with contextlib.suppress(NotFound):
