@@ -414,6 +414,18 @@ class TaskManager(Protocol):
         """Block until the process exits (returns at once if it has); never hangs on a dead shim."""
         ...
 
+    async def reopen_log(self, namespace: str, container_id: str) -> None:
+        """Reopen the ``crilog://`` log file(s) the task's shim writes (kubelet rotated them).
+
+        Stdio URIs ``crilog:///abs/path/0.log`` (stdout and stderr the same path; a
+        terminal names stdout only; optional ``?max_line=N``, default 16384) make
+        the shim write the CRI log format itself, so nothing depends on berthd
+        being up. Lines written after this call land in the new file, none lost.
+        FailedPrecondition if the task writes no such file or its runtime_binary
+        is not berth's shim (which alone understands crilog://).
+        """
+        ...
+
 
 # -- images (appended with ImageManager: these imports serve it alone) -----------
 

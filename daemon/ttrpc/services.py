@@ -15,6 +15,7 @@ from typing import Any
 import betterproto.lib.google.protobuf as pb
 
 from daemon.ttrpc.server import Method
+from protos.berth.shim.v1 import ReopenLogRequest
 from protos.containerd.services.events.ttrpc.v1 import ForwardRequest
 from protos.containerd.task.v2 import (
     CheckpointTaskRequest,
@@ -73,6 +74,13 @@ EVENTS_SERVICE = "containerd.services.events.ttrpc.v1.Events"
 
 EVENTS_METHODS: ServiceTable = {
     "Forward": (ForwardRequest, pb.Empty),
+}
+
+#: berth's own service of berth-shim-runc-v2 (containerd's shim does not serve it): CRI log files.
+LOGS_SERVICE = "berth.shim.v1.Logs"
+
+LOGS_METHODS: ServiceTable = {
+    "Reopen": (ReopenLogRequest, pb.Empty),
 }
 
 

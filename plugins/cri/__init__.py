@@ -21,18 +21,22 @@ from pathlib import Path
 
 from daemon.hookspecs import hookimpl
 from daemon.metadata.db import MetadataDB
-from daemon.protocols import ImageManager
+from daemon.protocols import ImageManager, TaskManager
 from daemon.registry import InitContext, Registry
 from plugins.cri.cni.network import CniNetwork
 from plugins.cri.config import CriConfig
+from plugins.cri.container.manager import ContainerManager
 from plugins.cri.images import K8S_NAMESPACE, CriImages
 from plugins.cri.imageservice import ImageService
 from plugins.cri.runtimeservice import RuntimeService
+from plugins.cri.sandbox.manager import SandboxManager
+from plugins.cri.store import CriStore
 
 TYPE = "berth.cri.v1"
 ID = "cri"
 FULL_NAME = f"{TYPE}.{ID}"
 SNAPSHOTTER_TYPE = "berth.snapshotter.v1"
+RUNTIME = "berth.runtime.v2.task"
 
 __all__ = ["Cri", "CriConfig", "berth_register"]
 
@@ -46,6 +50,8 @@ class Cri:
     network: CniNetwork
     runtime_service: RuntimeService
     image_service: ImageService
+    store: CriStore
+    sandboxes: SandboxManager
 
 
 def snapshotter_root(ic: InitContext, snapshotter: str) -> str:
@@ -66,6 +72,40 @@ async def init(ic: InitContext) -> Cri:
         images, db, snapshotter=config.snapshotter, mountpoint=snapshotter_root(ic, config.snapshotter)
     )
     network = CniNetwork(config.conf_dir, Path(ic.state) / "cni", bin_dirs=config.bin_dirs)
+    store = CriStore(db.containers, Path(ic.root))
+    await store.load()
+    tasks: TaskManager = ic.get("berth.runtime.v2")
+    sandboxes = SandboxManager(
+        store,
+        network,
+        tasks,
+        ic.bus,
+        state_dir=Path(ic.state) / "sandboxes",
+        cgroup_driver=config.cgroup_driver,
+        sandbox_image=config.sandbox_image,
+    )
+    containers = ContainerManager(
+        store=store,
+        tasks=tasks,
+        images=cri_images,
+        records=db.containers,
+        snapshotter=db.snapshotter(config.snapshotter),
+        leases=db.leases,
+        bus=ic.bus,
+        state=Path(ic.state),
+        cgroup_driver=config.cgroup_driver,
+        max_log_line=config.max_container_log_line_size,
+        runc=next((s.exports.get("runc") for s in ic.plugins() if s.full_name == RUNTIME), None) or "runc",
+    )
+    sandboxes.stop_containers = containers.stop_containers
+    sandboxes.remove_containers = containers.remove_containers
+    await containers.start()
+    ic.on_close(containers.close)
+    await sandboxes.start()
+    ic.on_close(sandboxes.close)
+    runtime_service = RuntimeService(config, network)
+    runtime_service.sandbox_manager = sandboxes
+    runtime_service.containers = containers
     ic.exports.update(
         namespace=K8S_NAMESPACE,
         snapshotter=config.snapshotter,
@@ -76,8 +116,10 @@ async def init(ic: InitContext) -> Cri:
         config=config,
         images=cri_images,
         network=network,
-        runtime_service=RuntimeService(config, network),
+        runtime_service=runtime_service,
         image_service=ImageService(cri_images),
+        store=store,
+        sandboxes=sandboxes,
     )
 
 
@@ -96,7 +138,7 @@ def berth_register(registry: Registry) -> None:
     registry.add(
         type=TYPE,
         id=ID,
-        requires=["berth.images.v1", "berth.metadata.v1"],
+        requires=["berth.images.v1", "berth.metadata.v1", "berth.runtime.v2"],
         config=CriConfig,
         init=init,
     )

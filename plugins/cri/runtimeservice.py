@@ -24,6 +24,8 @@ from daemon import __version__
 from daemon.errors import InvalidArgument
 from plugins.cri.cni.network import CniNetwork
 from plugins.cri.config import CriConfig
+from plugins.cri.container.rpc import ContainerRpcs
+from plugins.cri.sandbox.rpc import SandboxRpcs
 from protos.runtime import v1 as cri
 
 log = structlog.get_logger("berth.cri.runtime")
@@ -55,7 +57,11 @@ def parse_pod_cidrs(value: str) -> list[str]:
     return out
 
 
-class RuntimeService(cri.RuntimeServiceBase):
+class RuntimeService(
+    SandboxRpcs,
+    ContainerRpcs,
+    cri.RuntimeServiceBase,
+):
     """Node-level RuntimeService calls; see the module docstring.
 
     ``pod_cidrs`` holds what kubelet last sent with UpdateRuntimeConfig (empty

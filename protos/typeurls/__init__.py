@@ -14,6 +14,7 @@ PROTO_NAMES: dict[str, str] = {
     "protos.berth.services.images.v1.PullProgress": "berth.services.images.v1.PullProgress",
     "protos.berth.services.images.v1.PullRequest": "berth.services.images.v1.PullRequest",
     "protos.berth.services.images.v1.StoredImage": "berth.services.images.v1.StoredImage",
+    "protos.berth.shim.v1.ReopenLogRequest": "berth.shim.v1.ReopenLogRequest",
     "protos.containerd.events.ContainerCreate": "containerd.events.ContainerCreate",
     "protos.containerd.events.ContainerCreateRuntime": "containerd.events.ContainerCreate.Runtime",
     "protos.containerd.events.ContainerDelete": "containerd.events.ContainerDelete",

@@ -162,7 +162,8 @@ def test_generated_handlers_cover_every_rpc(descriptor_set: descriptor_pb2.FileD
             }
             assert {path: tuple(h.cardinality.value) for path, h in mapping.items()} == expected
             seen += 1
-    assert seen == 17  # 13 containerd services (ttrpc Events too) + berth Transfer and GC + CRI Runtime and Image
+    # 13 containerd services (ttrpc Events too), berth Transfer, GC and shim Logs, CRI Runtime and Image
+    assert seen == 18
 
 
 # -- service paths --------------------------------------------------------------------------

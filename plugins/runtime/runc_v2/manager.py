@@ -56,8 +56,17 @@ from daemon.protocols import (
     TaskIO,
     TaskStatus,
 )
+from daemon.ttrpc.services import LOGS_SERVICE
 from plugins.runtime.runc_v2.bundle import Bundle, LogReader
-from plugins.runtime.runc_v2.shims import Shim, bootstrap_delete, bootstrap_start, remove_stale_socket
+from plugins.runtime.runc_v2.shim.crilog import is_crilog
+from plugins.runtime.runc_v2.shims import (
+    NAMESPACE_KEY,
+    Shim,
+    bootstrap_delete,
+    bootstrap_start,
+    remove_stale_socket,
+)
+from protos.berth.shim.v1 import ReopenLogRequest
 from protos.containerd.events import TaskExit
 from protos.containerd.runc.v1 import Options
 from protos.containerd.task.v2 import (
@@ -99,6 +108,12 @@ SHUTDOWN_TIMEOUT = 10.0
 STATE_TIMEOUT = 10.0
 #: remembered (namespace, container, process, pid) of published exits, for deduplication
 EXIT_MEMORY = 16384
+REOPEN_TIMEOUT = 10.0
+
+
+def writes_crilog(shim_binary: str) -> bool:
+    """Whether the shim ``shim_binary`` understands crilog:// stdio (berth's does, containerd's does not)."""
+    return Path(shim_binary).name.startswith("berth-shim")
 
 
 @dataclass(frozen=True)
@@ -431,6 +446,7 @@ class TaskManager:
         key = (namespace, container_id)
         if key in self._tasks or key in self._creating:
             raise AlreadyExists(f"task {container_id!r} (namespace {namespace!r}): already exists")
+        self._check_crilog(f"task {container_id!r}", io, self.settings.shim_binary)
         self._creating.add(key)
         try:
             task = await self._create(namespace, container_id, io, rootfs, options)
@@ -438,6 +454,16 @@ class TaskManager:
             self._creating.discard(key)
         self._tasks[key] = task
         return task.init.snapshot(TaskStatus.CREATED)
+
+    def _check_crilog(self, what: str, io: TaskIO, shim_binary: str) -> None:
+        """Refuse crilog:// stdio up front when the shim would not understand it (containerd's)."""
+        if not any(is_crilog(uri) for uri in (io.stdin, io.stdout, io.stderr)):
+            return
+        if not writes_crilog(shim_binary):
+            raise FailedPrecondition(
+                f"{what}: crilog:// stdio is written by berth's shim only, and runtime_binary "
+                f"{self.settings.runtime_binary or shim_binary!r} is not berth's shim"
+            )
 
     async def _create(
         self, namespace: str, container_id: str, io: TaskIO, rootfs: Sequence[Mount], options: Opaque | None
@@ -648,6 +674,7 @@ class TaskManager:
             raise AlreadyExists(f"task {container_id!r}: exec {exec_id!r}: already exists")
         if task.init.exit is not None or task.shim.gone.is_set():
             raise FailedPrecondition(f"task {container_id!r}: is stopped, cannot exec {exec_id!r} in it")
+        self._check_crilog(f"task {container_id!r}: exec {exec_id!r}", io, task.shim.binary)
         proc = Process(container_id, exec_id, io)
         task.execs[exec_id] = proc
         try:
@@ -755,6 +782,25 @@ class TaskManager:
             await asyncio.gather(remote, local, return_exceptions=True)
         assert proc.exit is not None
         return proc.exit
+
+    async def reopen_log(self, namespace: str, container_id: str) -> None:
+        """Have the shim reopen the task's crilog:// files (see daemon.protocols.TaskManager)."""
+        task = self._task(namespace, container_id)
+        if not writes_crilog(task.shim.binary):
+            raise FailedPrecondition(
+                f"task {container_id!r}: its shim {task.shim.binary!r} writes no CRI log to reopen"
+            )
+        if task.shim.gone.is_set():
+            raise FailedPrecondition(f"task {container_id!r}: its shim is gone, no log is written")
+        await task.shim.client.call(
+            LOGS_SERVICE,
+            "Reopen",
+            ReopenLogRequest(id=container_id),
+            pb.Empty,
+            timeout=REOPEN_TIMEOUT,
+            metadata={NAMESPACE_KEY: namespace},
+        )
+        log.info("task.log_reopened", namespace=namespace, id=container_id)
 
     # -- shutdown -----------------------------------------------------------
 

@@ -7,8 +7,9 @@ containerd 1.6's runc v2 shim does it:
   ``TTRPC_ADDRESS``) starts a detached shim (new session, stdio to a log file,
   child subreaper) serving containerd.task.v2.Task over ttrpc on a unix socket,
   writes ``address`` and ``shim.pid`` into the bundle and prints
-  ``unix://<socket>`` once the shim listens. The shim's identity is the
-  bundle's group annotation (``io.containerd.runc.v2.group``, else
+  ``unix://<socket>`` once the shim listens (it also serves berth.shim.v1.Logs,
+  reopen of the CRI log files it writes: :mod:`.crilog`). The shim's identity is
+  the bundle's group annotation (``io.containerd.runc.v2.group``, else
   ``io.kubernetes.cri.sandbox-id``) or else the id: a live shim of the same
   (address, namespace, identity) is reused, so one shim serves a pod.
 * ``... delete`` (cwd = bundle) cleans up after a shim that died: unmounts
@@ -369,10 +370,10 @@ async def serve(options: ShimOptions, ready_fd: int = -1) -> None:
     import structlog
 
     from daemon.ttrpc import TtrpcServer
-    from daemon.ttrpc.services import TASK_METHODS, TASK_SERVICE, bind
+    from daemon.ttrpc.services import LOGS_METHODS, LOGS_SERVICE, TASK_METHODS, TASK_SERVICE, bind
     from plugins.runtime.runc_v2.shim.publisher import Publisher
     from plugins.runtime.runc_v2.shim.reaper import Reaper
-    from plugins.runtime.runc_v2.shim.service import TaskService
+    from plugins.runtime.runc_v2.shim.service import LogService, TaskService
 
     log = structlog.get_logger(__name__)
     layout = Layout.of(options)
@@ -389,7 +390,12 @@ async def serve(options: ShimOptions, ready_fd: int = -1) -> None:
     service = TaskService(
         reaper, str(layout.runc_root), stop.set, publisher.publish, namespace=options.namespace
     )
-    server = TtrpcServer({TASK_SERVICE: bind(TASK_METHODS, service)})
+    server = TtrpcServer(
+        {
+            TASK_SERVICE: bind(TASK_METHODS, service),
+            LOGS_SERVICE: bind(LOGS_METHODS, LogService(service)),
+        }
+    )
     await server.start(layout.socket)
     layout.pid_file.write_text(f"{os.getpid()}\n")
     log.info(

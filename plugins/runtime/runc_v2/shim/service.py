@@ -50,6 +50,7 @@ from plugins.runtime.runc_v2.shim.reaper import Exit, Reaper
 from plugins.runtime.runc_v2.shim.rootfs import mount_rootfs, unmount_rootfs
 from plugins.runtime.runc_v2.shim.runc import DEFAULT_BINARY, Runc, RuncError
 from plugins.runtime.runc_v2.shim.stdio import ProcessIO
+from protos.berth.shim.v1 import ReopenLogRequest
 from protos.containerd.events import (
     TaskCreate,
     TaskDelete,
@@ -532,6 +533,22 @@ class TaskService:
             process.io.close_stdin()
         return pb.Empty()
 
+    # -- CRI logs (berth.shim.v1.Logs, served by LogService) ---------------------
+
+    async def reopen_log(self, task_id: str, exec_id: str = "") -> None:
+        """Reopen the crilog:// files of a process (the init and its execs when ``exec_id`` is empty).
+
+        FailedPrecondition when none of them writes one. A process whose output
+        has ended is skipped (nothing more will be written).
+        """
+        container, process = self._process(task_id, exec_id)
+        processes = [process] if exec_id else container.processes()
+        logged = [p for p in processes if p.io.has_logs]
+        if not logged:
+            raise FailedPrecondition(f"{_name(container, process)}: its output is not a crilog:// file")
+        for found in logged:
+            await found.io.reopen_logs()
+
     # -- internals ------------------------------------------------------------
 
     def _process(self, task_id: str, exec_id: str) -> tuple[Container, Process]:
@@ -659,6 +676,17 @@ class TaskService:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+class LogService:
+    """Handlers of berth.shim.v1.Logs (bound with daemon.ttrpc.services.bind, table LOGS_METHODS)."""
+
+    def __init__(self, tasks: TaskService) -> None:
+        self._tasks = tasks
+
+    async def reopen(self, request: ReopenLogRequest) -> pb.Empty:
+        await self._tasks.reopen_log(request.id, request.exec_id)
+        return pb.Empty()
 
 
 def _name(container: Container, process: Process) -> str:

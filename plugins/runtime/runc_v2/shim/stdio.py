@@ -6,7 +6,11 @@ The client (berthd, ``ctr``) names each stream in the Create/Exec request:
 * a path to a FIFO the client created: the client reads (or writes, for stdin)
   its end; the shim opens the FIFO ``O_RDWR``, which never blocks on a missing
   peer (containerd opens them the same way);
-* a path that is not a FIFO, or a ``file://`` URI: a file appended to.
+* a path that is not a FIFO, or a ``file://`` URI: a file appended to;
+* a ``crilog://`` URI (stdout/stderr only): a CRI log file the shim writes
+  itself (:mod:`.crilog`): the process writes into a pipe, a :class:`LogCopy`
+  turns what it reads into CRI entries. Nothing of it goes through the client,
+  so a client that is gone never blocks the process nor loses a line.
 
 Without a terminal, stdout and stderr are handed to the process as they are
 (no copy: the process writes straight into the FIFO or file, and the client
@@ -15,8 +19,8 @@ the FIFO by a copy task, because the process must see EOF when the client says
 so (CloseIO), and a FIFO held open by the shim never gives one.
 
 With a terminal, the process's stdio is the pty slave; the shim holds the master
-(received through runc's console socket) and copies master -> stdout FIFO and
-stdin FIFO -> master.
+(received through runc's console socket) and copies master -> stdout FIFO (or
+CRI log, stream ``stdout``) and stdin FIFO -> master.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import stat
 import structlog
 
 from daemon.errors import InvalidArgument, Unimplemented
+from plugins.runtime.runc_v2.shim.crilog import Clock, LineSplitter, LogFile, is_crilog
 from plugins.runtime.runc_v2.shim.runc import Stdio
 
 log = structlog.get_logger(__name__)
@@ -43,10 +48,14 @@ def open_target(target: str, *, read: bool) -> int:
     """A blocking fd on a stdio target (see the module doc); ``read`` for stdin."""
     if not target:
         return os.open(os.devnull, os.O_RDONLY if read else os.O_WRONLY)
+    if is_crilog(target):
+        raise InvalidArgument(f"io {target!r}: a crilog:// URI names stdout or stderr, not stdin")
     if target.startswith("file://"):
         path = target.removeprefix("file://")
     elif "://" in target:
-        raise Unimplemented(f"io {target!r}: only FIFO paths, file paths and file:// URIs are supported")
+        raise Unimplemented(
+            f"io {target!r}: only FIFO paths, file paths, file:// and crilog:// URIs are supported"
+        )
     else:
         path = target
     try:
@@ -107,7 +116,8 @@ class Copy:
         self._stopping = False
         self._wake = _Wake()
         set_nonblocking(src)
-        set_nonblocking(dst)
+        if dst >= 0:
+            set_nonblocking(dst)
         self.task = asyncio.get_running_loop().create_task(self._run(), name=f"copy-{name}")
 
     def stop(self) -> None:
@@ -143,12 +153,20 @@ class Copy:
         except Exception as exc:  # noqa: BLE001 - a broken copy is logged, never fatal to the shim
             log.warning("shim.copy_failed", copy=self.name, error=str(exc))
         finally:
-            if not self._keep_src:
-                with contextlib.suppress(OSError):
-                    os.close(self.src)
-            if not self._keep_dst:
-                with contextlib.suppress(OSError):
-                    os.close(self.dst)
+            try:
+                await self._finished()
+            except Exception as exc:  # noqa: BLE001 - as above
+                log.warning("shim.copy_failed", copy=self.name, error=str(exc))
+            finally:
+                if not self._keep_src:
+                    with contextlib.suppress(OSError):
+                        os.close(self.src)
+                if not self._keep_dst:
+                    with contextlib.suppress(OSError):
+                        os.close(self.dst)
+
+    async def _finished(self) -> None:
+        """Called once at the end (EOF, stop, error or cancel), before the fds are closed."""
 
     async def _write(self, data: bytes) -> bool:
         view = memoryview(data)
@@ -164,6 +182,37 @@ class Copy:
                 raise
             view = view[written:]
         return True
+
+
+class LogCopy(Copy):
+    """Copies a process's output (a pipe, or a pty master) into a CRI log file as ``stream``'s entries.
+
+    Reading stops only at EOF (every writer of the pipe is gone) or :meth:`stop`;
+    the unterminated rest of a line is written at the end (tagged P, see
+    :mod:`.crilog`). The process blocks only while the file's write is slow,
+    never on anything outside the shim.
+    """
+
+    def __init__(self, name: str, src: int, logfile: LogFile, stream: str, *, keep_src: bool = False):
+        self.logfile = logfile
+        self._splitter = LineSplitter(stream, logfile.target.max_line)
+        self._clock = Clock()
+        logfile.acquire()
+        super().__init__(name, src, -1, keep_src=keep_src, keep_dst=True)
+
+    async def _write(self, data: bytes) -> bool:
+        entries = self._splitter.feed(data, self._clock.stamp())
+        if entries:
+            await self.logfile.write(entries)
+        return True
+
+    async def _finished(self) -> None:
+        try:
+            rest = self._splitter.finish(self._clock.stamp())
+            if rest:
+                await self.logfile.write(rest)
+        finally:
+            self.logfile.release()
 
 
 class ProcessIO:
@@ -189,6 +238,9 @@ class ProcessIO:
         self.console: int | None = None
         self.copies: list[Copy] = []
         self._stdin_copy: Copy | None = None
+        # crilog:// outputs: the CRI log of each stream, and the read ends of their pipes until started()
+        self._logs: dict[str, LogFile] = {}
+        self._log_pipes: dict[str, int] = {}
 
     @classmethod
     def open(cls, stdin: str, stdout: str, stderr: str, terminal: bool) -> ProcessIO:
@@ -201,15 +253,42 @@ class ProcessIO:
                     read_end, io._stdin_pipe_w = os.pipe()
                     io._child["stdin"] = read_end
             if terminal:
-                if stdout:
+                if is_crilog(stdout):
+                    io._open_log("stdout", stdout)
+                elif stdout:
                     io._stdout_fifo = open_target(stdout, read=False)
             else:
-                io._child["stdout"] = open_target(stdout, read=False)
-                io._child["stderr"] = open_target(stderr, read=False)
+                for stream, target in (("stdout", stdout), ("stderr", stderr)):
+                    if is_crilog(target):
+                        io._open_log(stream, target)
+                        io._log_pipes[stream], io._child[stream] = os.pipe()
+                    else:
+                        io._child[stream] = open_target(target, read=False)
         except BaseException:
             io.close_fds()
             raise
         return io
+
+    def _open_log(self, stream: str, uri: str) -> None:
+        """The CRI log ``uri`` for ``stream``; stdout and stderr naming the same file share one."""
+        for other in self._logs.values():
+            if other.uri == uri:
+                self._logs[stream] = other
+                return
+        self._logs[stream] = LogFile.open(uri)
+
+    @property
+    def has_logs(self) -> bool:
+        """Whether an output of this process is a crilog:// file."""
+        return bool(self._logs)
+
+    async def reopen_logs(self) -> None:
+        """Reopen every CRI log file of this process (rotation); errors name the file."""
+        seen: set[int] = set()
+        for logfile in self._logs.values():
+            if id(logfile) not in seen:
+                seen.add(id(logfile))
+                await logfile.reopen()
 
     def for_runc(self) -> Stdio:
         return Stdio(self._child.get("stdin"), self._child.get("stdout"), self._child.get("stderr"))
@@ -220,6 +299,9 @@ class ProcessIO:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._child.clear()
+        for stream, read_end in self._log_pipes.items():
+            self.copies.append(LogCopy(f"log-{stream}", read_end, self._logs[stream], stream))
+        self._log_pipes.clear()
         if self._stdin_fifo is not None and self._stdin_pipe_w is not None:
             self._stdin_copy = Copy("stdin", self._stdin_fifo, self._stdin_pipe_w)
             self.copies.append(self._stdin_copy)
@@ -228,6 +310,8 @@ class ProcessIO:
     def attach_console(self, master: int) -> None:
         """Copy between the pty ``master`` and the FIFOs (stdout gets the merged output)."""
         self.console = master
+        if "stdout" in self._logs:
+            self.copies.append(LogCopy("console-log", master, self._logs["stdout"], "stdout", keep_src=True))
         if self._stdout_fifo is not None:
             self.copies.append(Copy("console-out", master, self._stdout_fifo, keep_src=True))
             self._stdout_fifo = None
@@ -256,10 +340,20 @@ class ProcessIO:
         self.close_fds()
 
     def close_fds(self) -> None:
-        fds = [*self._child.values(), self._stdin_fifo, self._stdin_pipe_w, self._stdout_fifo, self.console]
+        fds = [
+            *self._child.values(),
+            *self._log_pipes.values(),
+            self._stdin_fifo,
+            self._stdin_pipe_w,
+            self._stdout_fifo,
+            self.console,
+        ]
         for fd in fds:
             if fd is not None:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+        for logfile in self._logs.values():
+            logfile.close()
         self._child.clear()
+        self._log_pipes.clear()
         self._stdin_fifo = self._stdin_pipe_w = self._stdout_fifo = self.console = None
