@@ -11,6 +11,12 @@
       snapshots [--snapshotter S] ls [FILTER...] | tree | rm KEY...
       content ls [FILTER...] | get DIGEST | rm DIGEST...
       gc
+      run [--rm] [-t] [-d] [--env K=V]... [--mount SPEC]... [--user U] [--cwd D]
+          [--memory-limit BYTES] [--cpus N] [--snapshotter S] [--label K=V]... IMAGE ID [CMD...]
+      containers ls [FILTER...] | info ID | rm [--keep-snapshot] ID...
+      tasks ls | start [-t] [-d] ID | kill [-s SIG] [--all] [--exec-id X] ID | ps ID
+            | exec [-t] [-d] --exec-id X [--cwd D] [--env K=V]... ID CMD...
+            | pause ID | resume ID | metrics ID
 
 It speaks only the wire API (like ``ctr``), so whatever it can do, any
 containerd client can do too. Exit codes: 0 ok, 1 the daemon said no (the
@@ -22,12 +28,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import structlog
 from grpclib.client import Channel
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
@@ -35,11 +43,16 @@ from daemon import __version__
 from daemon.cli import output
 from daemon.cli.client import Client, DaemonUnreachable
 from daemon.cli.commands import CliError, Handler, remove_each
+from daemon.cli.commands import containers as containers_cmd
 from daemon.cli.commands import content as content_cmd
 from daemon.cli.commands import gc as gc_cmd
 from daemon.cli.commands import images as images_cmd
+from daemon.cli.commands import run as run_cmd
 from daemon.cli.commands import snapshots as snapshots_cmd
+from daemon.cli.commands import tasks as tasks_cmd
+from daemon.cli.taskclient import TaskClient
 from daemon.config import DEFAULT_GRPC_ADDRESS
+from daemon.errors import BerthError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("events", help="print events as they happen")
     ev.add_argument("filters", nargs="*", help='containerd filters, e.g. topic~="^/namespaces/"')
-    for group in (images_cmd, snapshots_cmd, content_cmd, gc_cmd):
+    for group in (images_cmd, snapshots_cmd, content_cmd, gc_cmd, run_cmd, containers_cmd, tasks_cmd):
         COMMANDS.update(group.register(sub))
     return p
 
@@ -204,7 +217,9 @@ async def _main(args: argparse.Namespace) -> int:
     address = args.address.removeprefix("unix://")
     channel = Channel(path=address)
     try:
-        client = Client(channel, address, args.namespace, None if args.command == "events" else args.timeout)
+        client = TaskClient(
+            channel, address, args.namespace, None if args.command == "events" else args.timeout
+        )
         await client.check_reachable()
         await COMMANDS[args.command](client, args)
     finally:
@@ -212,8 +227,17 @@ async def _main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_logs() -> None:
+    """Library logs (daemon.mount, ...) as warnings and up, on stderr: stdout is the command's output."""
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _quiet_logs()
     try:
         return asyncio.run(_main(args))
     except DaemonUnreachable as exc:
@@ -222,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     except GRPCError as exc:
         print(f"berth: {output.status_text(exc)}", file=sys.stderr)
         return 1
-    except CliError as exc:
+    except (CliError, BerthError) as exc:
         print(f"berth: {exc}", file=sys.stderr)
         return 1
     except StreamTerminatedError as exc:

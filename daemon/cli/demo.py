@@ -1,13 +1,17 @@
 """``make demo``: start berthd on a temporary root with its embedded defaults,
-show what it is through the ``berth`` CLI, stop it, clean up.
+show what it is through the ``berth`` CLI, import a busybox image, run a
+container that prints to the terminal, stop berthd, clean up.
 
 It drives the real binaries exactly as an operator would, so it doubles as a
-smoke test of a fresh install.
+smoke test of a fresh install. There is no network here: the busybox image
+is built from the host's ``/bin/busybox`` by the test suite's image builder
+(``tests/support/oci.py``), so the demo runs from a source checkout.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -17,10 +21,24 @@ import time
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+DEMO_IMAGE = "docker.io/library/busybox:latest"
+
+
+def _busybox_archive(tmp: Path) -> Path:
+    """An OCI archive of the test busybox image named :data:`DEMO_IMAGE` (built, not downloaded)."""
+    try:
+        from tests.support.oci import busybox_image, oci_archive
+    except ImportError as exc:
+        raise SystemExit(
+            f"the demo builds its image with tests/support/oci.py: run it from a checkout ({exc})"
+        ) from None
+    path = tmp / "busybox.tar"
+    print(f"\n# building {DEMO_IMAGE} from /bin/busybox into {path}", flush=True)
+    return oci_archive(busybox_image("gzip"), path, image_name=DEMO_IMAGE)
 
 
 def _run(*argv: str) -> None:
-    print(f"\n$ {' '.join(argv)}", flush=True)
+    print(f"\n$ {shlex.join(argv)}", flush=True)
     subprocess.run([str(BIN / argv[0]), *argv[1:]], check=True)
 
 
@@ -60,6 +78,22 @@ def main() -> int:
         _run("berth", "--address", address, "namespaces", "ls")
         _run("berth", "--address", address, "namespaces", "rm", "demo")
         _run("berth", "--address", address, "images", "ls")
+        archive = _busybox_archive(tmp)
+        _run("berth", "--address", address, "images", "import", str(archive))
+        _run("berth", "--address", address, "images", "ls")
+        _run(
+            "berth",
+            "--address",
+            address,
+            "run",
+            "--rm",
+            DEMO_IMAGE,
+            "hello",
+            "sh",
+            "-c",
+            'echo "hello from a berth container: $(uname -n), pid $$, as $(id -un)"',
+        )
+        _run("berth", "--address", address, "containers", "ls")
         _run("berth", "--address", address, "gc")
         return 0
     finally:

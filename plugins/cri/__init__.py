@@ -31,6 +31,8 @@ from plugins.cri.imageservice import ImageService
 from plugins.cri.runtimeservice import RuntimeService
 from plugins.cri.sandbox.manager import SandboxManager
 from plugins.cri.store import CriStore
+from plugins.cri.streaming.backend import TaskBackend
+from plugins.cri.streaming.server import StreamingServer
 
 TYPE = "berth.cri.v1"
 ID = "cri"
@@ -52,6 +54,7 @@ class Cri:
     image_service: ImageService
     store: CriStore
     sandboxes: SandboxManager
+    streaming: StreamingServer
 
 
 def snapshotter_root(ic: InitContext, snapshotter: str) -> str:
@@ -106,11 +109,17 @@ async def init(ic: InitContext) -> Cri:
     runtime_service = RuntimeService(config, network)
     runtime_service.sandbox_manager = sandboxes
     runtime_service.containers = containers
+    backend = TaskBackend(tasks, store, db.containers, Path(ic.state) / "fifo")
+    streaming = StreamingServer(config, backend)
+    stream_url = await streaming.start()
+    ic.on_close(streaming.stop)
+    runtime_service.streaming = streaming
     ic.exports.update(
         namespace=K8S_NAMESPACE,
         snapshotter=config.snapshotter,
         conf_dir=config.conf_dir,
         cgroup_driver=config.cgroup_driver,
+        stream_server=stream_url,
     )
     return Cri(
         config=config,
@@ -120,6 +129,7 @@ async def init(ic: InitContext) -> Cri:
         image_service=ImageService(cri_images),
         store=store,
         sandboxes=sandboxes,
+        streaming=streaming,
     )
 
 

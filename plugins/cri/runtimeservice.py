@@ -26,6 +26,7 @@ from plugins.cri.cni.network import CniNetwork
 from plugins.cri.config import CriConfig
 from plugins.cri.container.rpc import ContainerRpcs
 from plugins.cri.sandbox.rpc import SandboxRpcs
+from plugins.cri.streaming.rpc import StreamingRpcs
 from protos.runtime import v1 as cri
 
 log = structlog.get_logger("berth.cri.runtime")
@@ -60,6 +61,7 @@ def parse_pod_cidrs(value: str) -> list[str]:
 class RuntimeService(
     SandboxRpcs,
     ContainerRpcs,
+    StreamingRpcs,
     cri.RuntimeServiceBase,
 ):
     """Node-level RuntimeService calls; see the module docstring.
