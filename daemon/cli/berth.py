@@ -45,6 +45,7 @@ from daemon.cli.client import Client, DaemonUnreachable
 from daemon.cli.commands import CliError, Handler, remove_each
 from daemon.cli.commands import containers as containers_cmd
 from daemon.cli.commands import content as content_cmd
+from daemon.cli.commands import cri as cri_cmd
 from daemon.cli.commands import gc as gc_cmd
 from daemon.cli.commands import images as images_cmd
 from daemon.cli.commands import run as run_cmd
@@ -97,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("filters", nargs="*", help='containerd filters, e.g. topic~="^/namespaces/"')
     for group in (images_cmd, snapshots_cmd, content_cmd, gc_cmd, run_cmd, containers_cmd, tasks_cmd):
         COMMANDS.update(group.register(sub))
+    COMMANDS.update(cri_cmd.register(sub))
     return p
 
 
