@@ -184,14 +184,18 @@ def berthd_daemon(base: Path, *, name: str = "berth", config: str = "", by: str 
     return Daemon(name, [*argv, "--address", address], address, base / "berthd.log")
 
 
-def containerd_daemon(base: Path, *, config: str = "", by: str = "bench") -> Daemon:
+def containerd_daemon(base: Path, *, config: str = "", by: str = "bench", cri: bool = False) -> Daemon:
     """A private containerd: every path it writes is under ``base``; CRI (CNI, stream server) is off.
 
     Its overlayfs snapshotter (the one ``ctr`` unpacks into by default) and
     native stay enabled; the others are disabled. ``config`` is appended
-    (TOML, e.g. more ``[plugins."..."]`` tables).
+    (TOML, e.g. more ``[plugins."..."]`` tables). ``cri=True`` leaves the CRI
+    plugin on: ``config`` must then give it a private table (sandbox image,
+    CNI dirs, runc root, netns under the state dir; see ``bench/cri.py``).
     """
     base.mkdir()
+    cri_off = "" if cri else '\n  "io.containerd.grpc.v1.cri",'
+
     address = str(base / "c.sock")
     path = base / "config.toml"
     path.write_text(
@@ -202,8 +206,7 @@ state = "{base / "s"}"
 # CRI needs CNI and a streaming server; the other snapshotters probe the host and error out
 # when unconfigured. The tracing IDs are absent from Debian's 1.6 build and keep a newer
 # containerd from exporting spans.
-disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
+disabled_plugins = [{cri_off}
   "io.containerd.snapshotter.v1.aufs",
   "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.devmapper",

@@ -28,7 +28,7 @@ import pluggy
 import structlog
 
 from daemon import hookspecs
-from daemon.errors import AlreadyExists, InvalidArgument, NotFound
+from daemon.errors import AlreadyExists, BerthError, InvalidArgument, NotFound
 
 if TYPE_CHECKING:
     from daemon.events import EventBus
@@ -385,7 +385,9 @@ class Registry:
                 continue
             except Exception as exc:
                 st.status, st.error = Status.ERROR, f"{type(exc).__name__}: {exc}"
-                log.error("plugin.init_failed", plugin=name, error=st.error, exc_info=True)
+                # A traceback for programming errors only: a BerthError or an OSError names its cause.
+                expected = isinstance(exc, BerthError | OSError)
+                log.error("plugin.init_failed", plugin=name, error=st.error, exc_info=not expected)
                 continue
             finally:
                 st.init_seconds = time.monotonic() - started
