@@ -127,7 +127,7 @@ def _container(name: str, command: list[str]) -> dict[str, Any]:
         "image": {"image": DEMO_IMAGE},
         "command": command,
         "log_path": f"{name}.log",
-        "linux": {},
+        "linux": {"security_context": {"namespace_options": {"pid": 1}}},
     }
 
 
@@ -191,7 +191,8 @@ async def run_cri_demo(
                 "hostname": "web",
                 "log_directory": str(logs),
                 "labels": {"app": "web"},
-                "linux": {},
+                # kubelet's default: a PID namespace per container (no infra process needed)
+                "linux": {"security_context": {"namespace_options": {"pid": 1}}},
             },
         )
         pod_id = (await sh.run("cri", "runp", "pod.json")).strip()

@@ -1,6 +1,11 @@
 """``make demo``: start berthd on a temporary root with its embedded defaults,
 show what it is through the ``berth`` CLI, import a busybox image, run a
-container that prints to the terminal, stop berthd, clean up.
+container that prints to the terminal, then a pod through CRI (two containers
+talking over the pod network, their logs shown), stop berthd, clean up.
+
+The one setting that is not a default is the CRI plugin's CNI conf dir: it
+points into the temporary directory, so the demo never writes a network into
+the host's ``/etc/cni/net.d`` (the config file is printed before berthd starts).
 
 It drives the real binaries exactly as an operator would, so it doubles as a
 smoke test of a fresh install. There is no network here: the busybox image
@@ -10,6 +15,7 @@ is built from the host's ``/bin/busybox`` by the test suite's image builder
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shlex
 import shutil
@@ -19,6 +25,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from daemon.cli.cridemo import DemoError, berthd_config, run_cri_demo
 
 BIN = Path(sys.executable).parent
 DEMO_IMAGE = "docker.io/library/busybox:latest"
@@ -59,8 +67,13 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="berth-demo-"))
     address = str(tmp / "state" / "berth.sock")
     log = open(tmp / "berthd.log", "wb")  # noqa: SIM115 - closed in finally
+    config = tmp / "config.toml"
+    config.write_text(berthd_config(tmp / "cri"))
+    print(f"$ cat {config}\n{config.read_text()}", flush=True)
     argv = [
         str(BIN / "berthd"),
+        "--config",
+        str(config),
         "--root",
         str(tmp / "root"),
         "--state",
@@ -95,6 +108,13 @@ def main() -> int:
         )
         _run("berth", "--address", address, "containers", "ls")
         _run("berth", "--address", address, "gc")
+        print("\n# a pod through CRI: one container serves HTTP, the other fetches it over the pod network")
+        (tmp / "cri").mkdir()
+        try:
+            asyncio.run(run_cri_demo(address, tmp / "cri", archive=archive))
+        except DemoError as exc:
+            print(f"CRI demo failed: {exc}", file=sys.stderr)
+            return 1
         return 0
     finally:
         if proc.poll() is None:
@@ -105,8 +125,9 @@ def main() -> int:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
         log.close()
-        print(f"\nberthd stopped (exit {proc.returncode}); its log:", flush=True)
-        sys.stdout.write((tmp / "berthd.log").read_text(errors="replace"))
+        lines = (tmp / "berthd.log").read_text(errors="replace").splitlines(keepends=True)
+        print(f"\nberthd stopped (exit {proc.returncode}); the last 25 of its {len(lines)} log lines:", flush=True)
+        sys.stdout.writelines(lines[-25:])
         shutil.rmtree(tmp, ignore_errors=True)
 
 
