@@ -126,7 +126,7 @@ def main() -> int:
                 proc.wait()
         log.close()
         lines = (tmp / "berthd.log").read_text(errors="replace").splitlines(keepends=True)
-        print(f"\nberthd stopped (exit {proc.returncode}); the last 25 of its {len(lines)} log lines:", flush=True)
+        print(f"\nberthd stopped (exit {proc.returncode}); last 25 of {len(lines)} log lines:", flush=True)
         sys.stdout.writelines(lines[-25:])
         shutil.rmtree(tmp, ignore_errors=True)
 
