@@ -44,6 +44,7 @@ from daemon.errors import BerthError, InvalidArgument, NotFound
 from daemon.metadata.db import MetadataDB
 from daemon.metadata.images import Image
 from daemon.protocols import ImageManager, Kind, Usage
+from daemon.reference import Reference, parse_reference
 
 log = structlog.get_logger("berth.cri.images")
 
@@ -60,91 +61,27 @@ ACTIVE_USAGE_TTL = 10.0
 
 # -- references --------------------------------------------------------------------------------
 
-DEFAULT_DOMAIN = "docker.io"
 _DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
-_NAME_MAX = 255
-
-# distribution/reference's grammar, as docker and containerd parse image names
-_ALNUM = r"[a-z0-9]+"
-_SEPARATOR = r"(?:[._]|__|[-]+)"
-_PATH_COMPONENT = rf"{_ALNUM}(?:{_SEPARATOR}{_ALNUM})*"
-_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
-_HOST = rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[a-fA-F0-9:]+\])"
-_DOMAIN_RE = re.compile(rf"{_HOST}(?::[0-9]+)?\Z")
-_PATH_RE = re.compile(rf"{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*\Z")
-_TAG_RE = re.compile(r"[\w][\w.-]{0,127}\Z")
-_DIGEST_RE = re.compile(r"sha256:[a-f0-9]{64}\Z")
+_IMAGE_ID_RE = re.compile(r"sha256:[a-f0-9]{64}\Z")
 _HEX_RE = re.compile(r"[a-f0-9]+\Z")
-
-
-@dataclass(frozen=True)
-class Reference:
-    """A normalized image reference: ``domain/path`` and a tag or a digest (never both)."""
-
-    domain: str
-    path: str
-    tag: str = ""
-    digest: str = ""
-
-    @property
-    def name(self) -> str:
-        """The repository: ``docker.io/library/busybox``."""
-        return f"{self.domain}/{self.path}"
-
-    def __str__(self) -> str:
-        if self.digest:
-            return f"{self.name}@{self.digest}"
-        return f"{self.name}:{self.tag}"
 
 
 def is_image_id(value: str) -> bool:
     """``sha256:<64 lowercase hex>``: an image id (or any content digest), not a reference."""
-    return bool(_DIGEST_RE.match(value))
+    return bool(_IMAGE_ID_RE.match(value))
 
 
 def normalize(ref: str) -> Reference:
     """``ref`` as containerd's CRI normalizes it (``docker.ParseDockerRef``).
 
-    ``busybox`` is ``docker.io/library/busybox:latest``; a reference with a
-    tag and a digest keeps only the digest (it is what is pulled). Raises
-    InvalidArgument quoting ``ref`` and naming the part that is wrong.
+    The grammar and defaults are the core's (:func:`daemon.reference.parse_reference`);
+    the CRI's one difference: a reference with a tag and a digest keeps only
+    the digest (it is what is pulled, and records are named by it).
     """
-    what = f"image reference {ref!r}"
-    if not ref:
-        raise InvalidArgument("image reference: must not be empty")
-    if any(c.isspace() for c in ref):
-        raise InvalidArgument(f"{what}: must not contain whitespace")
-    if len(ref) == 64 and _HEX_RE.match(ref):
-        raise InvalidArgument(f"{what}: a 64-character hexadecimal string is an image id, not a reference")
-    rest, at, digest = ref.partition("@")
-    if at and not _DIGEST_RE.match(digest):
-        raise InvalidArgument(f"{what}: invalid digest {digest!r} (expected sha256:<64 lowercase hex>)")
-    tag = ""
-    slash, colon = rest.rfind("/"), rest.rfind(":")
-    if colon > slash:
-        rest, tag = rest[:colon], rest[colon + 1 :]
-        if not _TAG_RE.match(tag):
-            raise InvalidArgument(f"{what}: invalid tag {tag!r}")
-    first, sep, remainder = rest.partition("/")
-    if sep and (any(c in first for c in ".:") or first == "localhost" or first.lower() != first):
-        domain, path = first, remainder
-    else:
-        domain, path = DEFAULT_DOMAIN, rest
-    if domain == "index.docker.io":
-        domain = DEFAULT_DOMAIN
-    if domain == DEFAULT_DOMAIN and "/" not in path:
-        path = "library/" + path
-    if not _DOMAIN_RE.match(domain):
-        raise InvalidArgument(f"{what}: invalid registry host {domain!r}")
-    if path.lower() != path:
-        raise InvalidArgument(f"{what}: repository name {path!r} must be lowercase")
-    if not _PATH_RE.match(path):
-        raise InvalidArgument(f"{what}: invalid repository name {path!r}")
-    if len(domain) + 1 + len(path) > _NAME_MAX:
-        raise InvalidArgument(f"{what}: repository name longer than {_NAME_MAX} characters")
-    if digest:
-        return Reference(domain, path, digest=digest)
-    return Reference(domain, path, tag=tag or "latest")
+    parsed = parse_reference(ref)
+    if parsed.tag and parsed.digest:
+        return Reference(parsed.domain, parsed.path, digest=parsed.digest)
+    return parsed
 
 
 # -- credentials --------------------------------------------------------------------------------

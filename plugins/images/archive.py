@@ -56,6 +56,7 @@ import structlog
 from daemon.errors import AlreadyExists, BerthError, FailedPrecondition, InvalidArgument, NotFound
 from daemon.metadata.images import Image
 from daemon.protocols import ByteStream, ContentStore, ContentWriter, Descriptor
+from daemon.reference import check_digest, parse_reference
 from plugins.images.blobs import (
     DOCKER_CONFIG,
     DOCKER_LAYER,
@@ -78,7 +79,6 @@ from plugins.images.registry.manifests import (
     parse,
 )
 from plugins.images.registry.platforms import Platform
-from plugins.images.registry.reference import check_digest, parse_reference
 
 log = structlog.get_logger("berth.images")
 

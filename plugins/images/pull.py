@@ -41,6 +41,7 @@ from daemon.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Un
 from daemon.metadata.db import MetadataDB
 from daemon.metadata.leases import LeaseResource
 from daemon.protocols import Applier, ContentStore, ContentWriter, Descriptor
+from daemon.reference import Reference
 from plugins.images.blobs import (
     MAX_CONFIG_SIZE,
     LocalImage,
@@ -63,7 +64,6 @@ from plugins.images.registry.client import RegistryClient, Repository
 from plugins.images.registry.hosts import Credentials
 from plugins.images.registry.manifests import Index, Manifest, is_index, parse
 from plugins.images.registry.platforms import Platform
-from plugins.images.registry.reference import Reference
 from plugins.images.unpack import TEE_BACKLOG, LayerFeed, Unpacker, abort_quietly
 
 log = structlog.get_logger("berth.images")

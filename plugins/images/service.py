@@ -47,6 +47,7 @@ from daemon.metadata.gc import LABEL_GC_EXPIRE
 from daemon.metadata.images import Image
 from daemon.metadata.leases import LeaseResource
 from daemon.protocols import Applier, ByteStream, Descriptor, Kind
+from daemon.reference import parse_reference
 from plugins.images.archive import ArchiveSink, export_archive, import_archive
 from plugins.images.blobs import LocalImage, add_labels, has_blob, local_image, snapshot_label
 from plugins.images.config import ImagesConfig
@@ -55,7 +56,6 @@ from plugins.images.pull import Puller, run_all
 from plugins.images.registry.client import RegistryClient
 from plugins.images.registry.hosts import Credentials
 from plugins.images.registry.platforms import Platform, default_platform, parse_platform
-from plugins.images.registry.reference import parse_reference
 from plugins.images.unpack import LayerFeed, Unpacker
 from protos.containerd.services.images.v1 import ImageCreate, ImageDelete, ImageUpdate
 

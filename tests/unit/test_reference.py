@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from daemon.errors import InvalidArgument
-from plugins.images.registry.reference import Reference, check_digest, parse_reference
+from daemon.reference import Reference, check_digest, parse_reference
 
 D256 = "sha256:" + "a" * 64
 D512 = "sha512:" + "b" * 128

@@ -14,12 +14,12 @@ Modules, by layer:
   (retries, mirrors, resumable and verified downloads).
 """
 
+from daemon.reference import Reference, parse_reference
 from plugins.images.registry.client import BlobStream, RegistryClient, Repository, RetryPolicy
 from plugins.images.registry.config import HostConfig, RegistryConfig
 from plugins.images.registry.hosts import Credentials, Endpoint, RegistryHosts
 from plugins.images.registry.manifests import Index, IndexEntry, Manifest
 from plugins.images.registry.platforms import Platform, default_platform, parse_platform, select_manifest
-from plugins.images.registry.reference import Reference, parse_reference
 
 __all__ = [
     "BlobStream",

@@ -60,6 +60,7 @@ from daemon.errors import (
     Unavailable,
 )
 from daemon.protocols import Descriptor
+from daemon.reference import Reference, check_digest, parse_reference
 from plugins.images.registry.auth import Authorizer, TokenUnavailable, parse_www_authenticate, pull_scope
 from plugins.images.registry.config import RegistryConfig
 from plugins.images.registry.hosts import Credentials, Endpoint, RegistryHosts, is_loopback
@@ -74,7 +75,6 @@ from plugins.images.registry.manifests import (
     sniff_media_type,
 )
 from plugins.images.registry.platforms import Platform, select_manifest
-from plugins.images.registry.reference import Reference, check_digest, parse_reference
 
 log = structlog.get_logger("berth.images.registry")
 

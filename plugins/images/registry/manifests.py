@@ -17,8 +17,8 @@ from typing import Any, NamedTuple
 
 from daemon.errors import InvalidArgument
 from daemon.protocols import Descriptor
+from daemon.reference import check_digest
 from plugins.images.registry.platforms import Platform
-from plugins.images.registry.reference import check_digest
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
