@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import builtins
 import enum
+import hashlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from daemon.metadata.images import Image
 
 # -- shared data -------------------------------------------------------------
 
@@ -429,10 +433,28 @@ class TaskManager(Protocol):
 
 # -- images (appended with ImageManager: these imports serve it alone) -----------
 
-from typing import TYPE_CHECKING, Any  # noqa: E402
 
-if TYPE_CHECKING:
-    from daemon.metadata.images import Image
+@dataclass(frozen=True)
+class RegistryCredentials:
+    """What to authenticate to a registry with; secrets are kept out of ``repr``.
+
+    The images plugin's configured credentials and a caller's per-pull ones
+    (a CRI PullImage's AuthConfig) share this shape.
+    """
+
+    username: str = ""
+    password: str = field(default="", repr=False)
+    identity_token: str = field(default="", repr=False)
+    registry_token: str = field(default="", repr=False)
+
+    def __bool__(self) -> bool:
+        return bool(self.username or self.password or self.identity_token or self.registry_token)
+
+    @property
+    def key(self) -> str:
+        """A fingerprint for caches keyed by credentials (never the secrets themselves)."""
+        raw = "\0".join((self.username, self.password, self.identity_token, self.registry_token))
+        return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
 class ImageManager(Protocol):
@@ -475,7 +497,7 @@ class ImageManager(Protocol):
         ref: str,
         *,
         platform: str | None = None,
-        auth: Any = None,
+        auth: RegistryCredentials | None = None,
         labels: Mapping[str, str] | None = None,
         snapshotter: str | None = None,
         unpack: bool = True,

@@ -29,7 +29,6 @@ from __future__ import annotations
 import base64
 import binascii
 import builtins
-import hashlib
 import json
 import re
 import time
@@ -43,7 +42,7 @@ import structlog
 from daemon.errors import BerthError, InvalidArgument, NotFound
 from daemon.metadata.db import MetadataDB
 from daemon.metadata.images import Image
-from daemon.protocols import ImageManager, Kind, Usage
+from daemon.protocols import ImageManager, Kind, RegistryCredentials, Usage
 from daemon.reference import Reference, parse_reference
 
 log = structlog.get_logger("berth.cri.images")
@@ -87,23 +86,8 @@ def normalize(ref: str) -> Reference:
 # -- credentials --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PullCredentials:
-    """Per-pull credentials, shaped as the images plugin's ``Credentials`` (see ImageManager.pull)."""
-
-    username: str = ""
-    password: str = field(default="", repr=False)
-    identity_token: str = field(default="", repr=False)
-    registry_token: str = field(default="", repr=False)
-
-    def __bool__(self) -> bool:
-        return bool(self.username or self.password or self.identity_token or self.registry_token)
-
-    @property
-    def key(self) -> str:
-        """A fingerprint for caches keyed by credentials (never the secrets themselves)."""
-        raw = "\0".join((self.username, self.password, self.identity_token, self.registry_token))
-        return hashlib.sha256(raw.encode()).hexdigest()[:16]
+#: per-pull credentials (a PullImage's AuthConfig), in the core's shape the images plugin takes
+PullCredentials = RegistryCredentials
 
 
 def _server_host(server_address: str) -> str:

@@ -40,7 +40,7 @@ import structlog
 from daemon.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
 from daemon.metadata.db import MetadataDB
 from daemon.metadata.leases import LeaseResource
-from daemon.protocols import Applier, ContentStore, ContentWriter, Descriptor
+from daemon.protocols import Applier, ContentStore, ContentWriter, Descriptor, RegistryCredentials
 from daemon.reference import Reference
 from plugins.images.blobs import (
     MAX_CONFIG_SIZE,
@@ -61,7 +61,6 @@ from plugins.images.blobs import (
 )
 from plugins.images.progress import ProgressTracker, State
 from plugins.images.registry.client import RegistryClient, Repository
-from plugins.images.registry.hosts import Credentials
 from plugins.images.registry.manifests import Index, Manifest, is_index, parse
 from plugins.images.registry.platforms import Platform
 from plugins.images.unpack import TEE_BACKLOG, LayerFeed, Unpacker, abort_quietly
@@ -142,7 +141,7 @@ class Puller:
         lease: str,
         *,
         platform: Platform | None,
-        credentials: Credentials | None = None,
+        credentials: RegistryCredentials | None = None,
         snapshotter: str | None = None,
         tracker: ProgressTracker | None = None,
     ) -> PullResult:

@@ -46,7 +46,7 @@ from daemon.metadata.db import MetadataDB
 from daemon.metadata.gc import LABEL_GC_EXPIRE
 from daemon.metadata.images import Image
 from daemon.metadata.leases import LeaseResource
-from daemon.protocols import Applier, ByteStream, Descriptor, Kind
+from daemon.protocols import Applier, ByteStream, Descriptor, Kind, RegistryCredentials
 from daemon.reference import parse_reference
 from plugins.images.archive import ArchiveSink, export_archive, import_archive
 from plugins.images.blobs import LocalImage, add_labels, has_blob, local_image, snapshot_label
@@ -54,7 +54,6 @@ from plugins.images.config import ImagesConfig
 from plugins.images.progress import ProgressCallback, ProgressTracker, Publisher
 from plugins.images.pull import Puller, run_all
 from plugins.images.registry.client import RegistryClient
-from plugins.images.registry.hosts import Credentials
 from plugins.images.registry.platforms import Platform, default_platform, parse_platform
 from plugins.images.unpack import LayerFeed, Unpacker
 from protos.containerd.services.images.v1 import ImageCreate, ImageDelete, ImageUpdate
@@ -225,7 +224,7 @@ class ImageService:
         ref: str,
         *,
         platform: str | Platform | None = None,
-        auth: Credentials | None = None,
+        auth: RegistryCredentials | None = None,
         progress: ProgressCallback | None = None,
         labels: Mapping[str, str] | None = None,
         snapshotter: str | None = None,
@@ -286,7 +285,7 @@ class ImageService:
         namespace: str,
         ref: str,
         platform: Platform,
-        auth: Credentials | None,
+        auth: RegistryCredentials | None,
         labels: dict[str, str],
         snapshotter: str,
         tracker: ProgressTracker,

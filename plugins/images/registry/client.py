@@ -59,11 +59,11 @@ from daemon.errors import (
     PermissionDenied,
     Unavailable,
 )
-from daemon.protocols import Descriptor
+from daemon.protocols import Descriptor, RegistryCredentials
 from daemon.reference import Reference, check_digest, parse_reference
 from plugins.images.registry.auth import Authorizer, TokenUnavailable, parse_www_authenticate, pull_scope
 from plugins.images.registry.config import RegistryConfig
-from plugins.images.registry.hosts import Credentials, Endpoint, RegistryHosts, is_loopback
+from plugins.images.registry.hosts import Endpoint, RegistryHosts, is_loopback
 from plugins.images.registry.manifests import (
     ACCEPT,
     GENERIC_TYPES,
@@ -221,7 +221,9 @@ class RegistryClient:
 
     # -- entry points ----------------------------------------------------------
 
-    async def repository(self, ref: str | Reference, *, credentials: Credentials | None = None) -> Repository:
+    async def repository(
+        self, ref: str | Reference, *, credentials: RegistryCredentials | None = None
+    ) -> Repository:
         """The repository of ``ref`` with its endpoints (reads the hosts directory, on a thread).
 
         ``credentials`` (e.g. from a CRI PullImage request) replace the
@@ -238,14 +240,14 @@ class RegistryClient:
         return Repository(self, reference, endpoints)
 
     async def resolve(
-        self, ref: str | Reference, *, credentials: Credentials | None = None
+        self, ref: str | Reference, *, credentials: RegistryCredentials | None = None
     ) -> tuple[str, Descriptor]:
         """``(normalized reference, descriptor of its manifest or index)``."""
         repo = await self.repository(ref, credentials=credentials)
         return await repo.resolve()
 
     async def fetch_manifest(
-        self, ref: str | Reference, desc: Descriptor, *, credentials: Credentials | None = None
+        self, ref: str | Reference, desc: Descriptor, *, credentials: RegistryCredentials | None = None
     ) -> bytes:
         repo = await self.repository(ref, credentials=credentials)
         return await repo.fetch_manifest(desc)
@@ -257,7 +259,7 @@ class RegistryClient:
         offset: int = 0,
         *,
         hasher: Hasher | None = None,
-        credentials: Credentials | None = None,
+        credentials: RegistryCredentials | None = None,
     ) -> BlobStream:
         repo = await self.repository(ref, credentials=credentials)
         return await repo.fetch_blob(desc, offset, hasher=hasher)

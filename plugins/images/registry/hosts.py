@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import ipaddress
 import os
 import re
@@ -44,6 +43,7 @@ import structlog
 
 from daemon.configschema import INVALID, Problem, build
 from daemon.errors import InvalidArgument
+from daemon.protocols import RegistryCredentials
 from daemon.tomlsource import format_path, key_lines
 from plugins.images.registry.config import CAPABILITIES, HostConfig, is_registry_host, url_problem
 
@@ -68,22 +68,8 @@ _DURATION_UNITS = {
 
 
 @dataclass(frozen=True)
-class Credentials:
-    """What to authenticate with; secrets are kept out of ``repr``."""
-
-    username: str = ""
-    password: str = field(default="", repr=False)
-    identity_token: str = field(default="", repr=False)
-    registry_token: str = field(default="", repr=False)
-
-    def __bool__(self) -> bool:
-        return bool(self.username or self.password or self.identity_token or self.registry_token)
-
-    @property
-    def key(self) -> str:
-        """A fingerprint for caches keyed by credentials (never the secrets themselves)."""
-        raw = "\0".join((self.username, self.password, self.identity_token, self.registry_token))
-        return hashlib.sha256(raw.encode()).hexdigest()[:16]
+class Credentials(RegistryCredentials):
+    """Registry credentials (the core's shape), read from the hosts configuration here."""
 
     @classmethod
     def from_host_config(cls, entry: HostConfig) -> Credentials | None:
@@ -111,7 +97,7 @@ class Endpoint:
     dial_timeout: float | None = None
     #: another host than the registry's: requests carry ``?ns=<registry host>``
     mirror: bool = False
-    credentials: Credentials | None = None
+    credentials: RegistryCredentials | None = None
     #: where this endpoint was configured, for messages
     origin: str = "default"
 
