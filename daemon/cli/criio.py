@@ -1,4 +1,4 @@
-"""The streaming verbs of ``berth cri``: logs, exec, stats, statsp, events.
+"""The streaming verbs of ``berth cri``: logs, exec, attach, port-forward, stats, statsp, events.
 
 ``logs`` reads the CRI log file named by ContainerStatus.log_path (the CLI
 runs on the node, as crictl does) and decodes it (:mod:`daemon.cli.crilogs`);
@@ -6,7 +6,12 @@ runs on the node, as crictl does) and decodes it (:mod:`daemon.cli.crilogs`);
 ``exec -s`` is ExecSync; ``exec`` without ``-s`` asks Exec for a streaming
 URL and speaks SPDY to it with :mod:`daemon.streaming.client`, stdin taken
 from the CLI's own (``-i``), the terminal put in raw mode for ``-t``. Both
-exit with the command's exit code.
+exit with the command's exit code. ``attach`` does the same with the URL
+of Attach (the container's stdio until it exits; its exit code).
+``port-forward`` listens on 127.0.0.1 only, one listener per
+``LOCAL:REMOTE`` pair, and carries every accepted connection as a stream
+pair of one SPDY session to the PortForward URL (as kubectl and crictl); it
+runs until interrupted or until the server ends the session.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import sys
 import termios
 import tty
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import betterproto
 from grpclib.const import Status
@@ -30,11 +37,18 @@ from daemon.cli import output
 from daemon.cli.commands import CliError
 from daemon.cli.criclient import CriClient
 from daemon.cli.crilogs import Follower, LogMessage, format_message, read_messages
+from daemon.errors import BerthError
 from protos.runtime import v1 as cri
+
+if TYPE_CHECKING:
+    from daemon.streaming.client import PortForward
 
 #: Margin given to an ExecSync call beyond the command's own timeout.
 EXEC_SYNC_MARGIN = 10.0
 STDIN_CHUNK = 32 << 10
+FORWARD_CHUNK = 64 << 10
+#: How long a finished forwarded connection waits for the server's error stream to end.
+FORWARD_ERROR_WAIT = 2.0
 
 
 # -- logs ---------------------------------------------------------------------------------
@@ -195,6 +209,128 @@ async def stream_exec(url: str, *, stdin: bool, tty: bool) -> int:
     return int(status.exit_code)
 
 
+async def attach(c: CriClient, args: argparse.Namespace) -> None:
+    """crictl's attach: stdout, stderr unless ``-t``, stdin with ``-i``; exits with the container's code."""
+    req = cri.AttachRequest(
+        container_id=args.id, stdin=args.interactive, tty=args.tty, stdout=True, stderr=not args.tty
+    )
+    url = (await c.rt.attach(req)).url
+    code = await stream_exec(url, stdin=args.interactive, tty=args.tty)
+    if code:
+        raise SystemExit(code)
+
+
+# -- port-forward -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PortPair:
+    local: int
+    remote: int
+
+
+def parse_port_pair(text: str) -> PortPair:
+    """``LOCAL:REMOTE`` or ``REMOTE`` (the same port locally); LOCAL 0 picks a free port."""
+    local_text, sep, remote_text = text.rpartition(":")
+    if not sep:
+        local_text = remote_text
+    try:
+        local, remote = int(local_text), int(remote_text)
+    except ValueError:
+        raise CliError(f"port-forward: {text!r}: expected [LOCAL:]REMOTE, ports as numbers") from None
+    if not 1 <= remote <= 0xFFFF:
+        raise CliError(f"port-forward: {text!r}: remote port {remote} is not in 1..65535")
+    if not 0 <= local <= 0xFFFF:
+        raise CliError(f"port-forward: {text!r}: local port {local} is not in 0..65535")
+    return PortPair(local, remote)
+
+
+async def _forward_one(
+    pf: PortForward, remote: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """One local connection <-> one stream pair; the local socket closes when the pod's side ends."""
+    from daemon.streaming.errors import SessionClosedError, StreamResetError
+
+    upstream: asyncio.Task[None] | None = None
+    try:
+        try:
+            conn = await pf.open(remote)
+        except (SessionClosedError, StreamResetError, BerthError) as exc:
+            print(f"port-forward: {remote}: {exc}", file=sys.stderr)
+            return
+        errors = asyncio.create_task(conn.error())
+
+        async def up() -> None:
+            with contextlib.suppress(ConnectionError, SessionClosedError, StreamResetError):
+                while data := await reader.read(FORWARD_CHUNK):
+                    await conn.write(data)
+            await conn.close_write()
+
+        upstream = asyncio.create_task(up())
+        with contextlib.suppress(ConnectionError):
+            while data := await conn.read():
+                writer.write(data)
+                await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()
+        try:
+            message = await asyncio.wait_for(errors, FORWARD_ERROR_WAIT)
+        except TimeoutError:
+            message = ""
+        if message:
+            print(f"port-forward: {message}", file=sys.stderr)
+    finally:
+        if upstream is not None:
+            upstream.cancel()
+            await asyncio.gather(upstream, return_exceptions=True)
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def port_forward(c: CriClient, args: argparse.Namespace) -> None:
+    """Listen on 127.0.0.1 per pair; print ``Forwarding from 127.0.0.1:L -> R`` (kubectl's line) for each."""
+    from daemon.streaming.client import connect_portforward  # aiohttp: only for streaming verbs
+
+    pairs = [parse_port_pair(text) for text in args.ports]
+    req = cri.PortForwardRequest(pod_sandbox_id=args.pod, port=sorted({p.remote for p in pairs}))
+    url = (await c.rt.port_forward(req)).url
+    pf = await connect_portforward(url)
+    servers: list[asyncio.Server] = []
+    live: set[asyncio.Task[None]] = set()
+    try:
+        for pair in pairs:
+
+            async def accepted(
+                reader: asyncio.StreamReader, writer: asyncio.StreamWriter, remote: int = pair.remote
+            ) -> None:
+                task = asyncio.current_task()
+                assert task is not None
+                live.add(task)
+                try:
+                    await _forward_one(pf, remote, reader, writer)
+                finally:
+                    live.discard(task)
+
+            try:
+                server = await asyncio.start_server(accepted, "127.0.0.1", pair.local)
+            except OSError as exc:
+                raise CliError(f"port-forward: 127.0.0.1:{pair.local}: {exc.strerror or exc}") from None
+            servers.append(server)
+            port = server.sockets[0].getsockname()[1]
+            print(f"Forwarding from 127.0.0.1:{port} -> {pair.remote}", flush=True)
+        # shielded: wait_closed swallows a cancellation, and Ctrl-C must reach this task
+        await asyncio.shield(pf.session.wait_closed())
+        raise CliError("port-forward: the streaming server closed the connection")
+    finally:
+        for server in servers:
+            server.close()
+        for task in list(live):
+            task.cancel()
+        await asyncio.gather(*live, return_exceptions=True)
+        await pf.close()
+
+
 # -- stats and events ---------------------------------------------------------------------
 
 
@@ -257,4 +393,15 @@ async def events(c: CriClient, args: argparse.Namespace) -> None:
         sys.stdout.flush()
 
 
-__all__ = ["events", "exec_command", "logs", "stats", "statsp", "stream_exec"]
+__all__ = [
+    "PortPair",
+    "attach",
+    "events",
+    "exec_command",
+    "logs",
+    "parse_port_pair",
+    "port_forward",
+    "stats",
+    "statsp",
+    "stream_exec",
+]

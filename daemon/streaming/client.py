@@ -208,6 +208,10 @@ class SpdyCommand(RemoteCommand):
         for name in wanted:  # opened back to back, replies awaited together: one round trip
             streams[name] = await session.open_stream(Headers({STREAM_TYPE_HEADER: name}), wait_reply=False)
         await asyncio.gather(*(s.wait_reply() for s in streams.values()))
+        # the client never writes on the error stream: half-close it now, or a server that waits
+        # for both directions to end (containerd's) resets it, racing the exit status it sent
+        with contextlib.suppress(*_GONE):
+            await streams[STREAM_ERROR].close()
         return cls(session, protocol, streams)
 
     def _stream(self, name: str) -> Stream:

@@ -211,6 +211,17 @@ async def test_rst_stream_fails_both_directions(sessions: tuple[Session, Session
         await theirs.read()
 
 
+async def test_data_sent_before_a_peer_reset_stays_readable(sessions: tuple[Session, Session]) -> None:
+    """containerd writes the exit status on the error stream, then resets it: the status must survive."""
+    client, server = sessions
+    mine, theirs = await open_pair(client, server)
+    await theirs.write(b'{"status":"Success"}')
+    await theirs.reset(RstStatus.CANCEL)
+    assert await mine.read() == b'{"status":"Success"}'
+    with pytest.raises(StreamResetError):
+        await mine.read()
+
+
 async def test_refused_stream_fails_open_stream(sessions: tuple[Session, Session]) -> None:
     client, server = sessions
     opening = asyncio.create_task(client.open_stream(Headers({"streamtype": "bogus"})))

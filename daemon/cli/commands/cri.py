@@ -9,6 +9,7 @@
     berth cri stop [-t SECONDS] ID... | rm [-f] [-a] ID... | inspect ID...
     berth cri logs [-f] [--tail N] [-t] ID
     berth cri exec [-s] [--timeout N] [-i] [-t] ID CMD...
+    berth cri attach [-i] [-t] ID | port-forward POD [LOCAL:]REMOTE...
     berth cri images [-q] [--digests] [--no-trunc] [REF] | inspecti REF...
     berth cri pull [--creds U:P] [--auth B64] [--pod-config POD.json] REF
     berth cri rmi [-a] [--prune] [REF...] | imagefsinfo
@@ -19,7 +20,9 @@ inspect*, ids cut to 13 characters); configuration files are crictl's JSON
 (the CRI message with snake_case or camelCase names). A daemon refusal is one
 line ``berth: <status>: <message>`` and exit 1. ``exec`` without ``-s`` streams
 through the URL the Exec call returns (:mod:`daemon.streaming.client`) and
-exits with the command's exit code, as does ``exec -s``.
+exits with the command's exit code, as does ``exec -s``; ``attach`` streams
+the same way and exits with the container's. ``port-forward`` listens on
+127.0.0.1 only (LOCAL 0 picks a port; the ``Forwarding from`` line names it).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import re
 
 from grpclib.client import Channel
 
+from daemon.cli import criio
 from daemon.cli import criverbs as verbs
 from daemon.cli.client import Client
 from daemon.cli.commands import CliError, Handler
@@ -134,6 +138,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> dict[s
     ex.add_argument("--tty", "-t", action="store_true", help="allocate a terminal")
     ex.add_argument("id", metavar="ID")
     ex.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD")
+    at = sc.add_parser("attach", help="attach to a running container's stdio until it exits")
+    at.add_argument("--stdin", "-i", dest="interactive", action="store_true", help="pass stdin")
+    at.add_argument("--tty", "-t", action="store_true", help="the container has a terminal")
+    at.add_argument("id", metavar="ID")
+    pf = sc.add_parser("port-forward", help="forward local ports (127.0.0.1) to ports of a pod")
+    pf.add_argument("pod", metavar="POD")
+    pf.add_argument("ports", nargs="+", metavar="[LOCAL:]REMOTE")
 
     images = sc.add_parser("images", aliases=["image", "img"], help="list images")
     images.add_argument("--quiet", "-q", action="store_true", help="image ids only")
@@ -167,13 +178,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> dict[s
     return {"cri": run_cri}
 
 
+_STREAM_VERBS = {"attach": criio.attach, "port-forward": criio.port_forward}
+
+
 async def run_cri(c: Client, args: argparse.Namespace) -> None:
     """Every verb on a channel of its own: CRI needs none of the native client's metadata."""
     if args.sub == "exec" and not args.cmd:
         raise CliError("exec: no command given (berth cri exec ID CMD...)")
     channel = Channel(path=c.address)
     try:
-        await verbs.VERBS[args.sub](CriClient.on(channel, args.timeout), args)
+        verb = _STREAM_VERBS.get(args.sub) or verbs.VERBS[args.sub]
+        await verb(CriClient.on(channel, args.timeout), args)
     finally:
         channel.close()
 

@@ -351,7 +351,8 @@ class Session:
                     stream._fail(
                         StreamResetError(
                             stream_id, status, f"spdy stream {stream_id}: reset by peer ({status})"
-                        )
+                        ),
+                        keep_data=True,
                     )
                     self._forget(stream)
             case Settings(entries):

@@ -172,11 +172,17 @@ class Stream:
             self._remote_fin = True
         self._readable.set()
 
-    def _fail(self, error: StreamResetError) -> None:
-        """Reset semantics: drop buffered data, wake every waiter with ``error``."""
+    def _fail(self, error: StreamResetError, *, keep_data: bool = False) -> None:
+        """Reset semantics: wake every waiter with ``error``.
+
+        ``keep_data``: what already arrived stays readable before the error (a
+        peer's RST_STREAM, as spdystream does: a server may send the exit status
+        and reset the stream right after it); a local reset drops it.
+        """
         if self._error is None:
             self._error = error
-        self._buf.clear()
+        if not keep_data:
+            self._buf.clear()
         if not self._reply.done():
             self._reply.set_exception(error)
         self._readable.set()

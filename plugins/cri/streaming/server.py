@@ -47,7 +47,7 @@ from plugins.cri.streaming import portforward, spdy, websocket
 from plugins.cri.streaming.attach import serve_attach
 from plugins.cri.streaming.backend import StreamBackend
 from plugins.cri.streaming.exec import CommandConnection, serve_exec
-from plugins.cri.streaming.tokens import TokenCache
+from plugins.cri.streaming.tokens import TokenCache, ttl_from_env
 from protos.runtime import v1 as cri
 
 log = structlog.get_logger("berth.cri.streaming")
@@ -76,7 +76,7 @@ class StreamingServer:
         self._address = config.stream_server_address
         self._port = config.stream_server_port
         self._backend = backend
-        self.tokens = tokens if tokens is not None else TokenCache()
+        self.tokens = tokens if tokens is not None else TokenCache(ttl=ttl_from_env())
         self.stream_creation_timeout = stream_creation_timeout
         self._runner: web.AppRunner | None = None
         self._base = ""

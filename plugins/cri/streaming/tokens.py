@@ -7,21 +7,43 @@ As kubelet's request cache: tokens are unguessable (128 random bits,
 ``secrets.token_urlsafe``), expire after ``ttl`` seconds, and at most
 ``max_outstanding`` wait at any time (a flood of RPCs gets ResourceExhausted
 instead of growing memory). Everything here is synchronous and O(expired).
+
+The lifetime is kubelet's minute unless ``BERTH_CRI_STREAM_TOKEN_TTL``
+(seconds) is set in berthd's environment (:func:`ttl_from_env`): that lets
+an end-to-end test see a token expire without waiting a minute; it is not a
+config option because nothing on a node has a reason to change it.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from daemon.errors import ResourceExhausted
+from daemon.errors import InvalidArgument, ResourceExhausted
 
 DEFAULT_TTL = 60.0
 DEFAULT_MAX_OUTSTANDING = 1000
 TOKEN_BYTES = 16
+TTL_ENV = "BERTH_CRI_STREAM_TOKEN_TTL"
+
+
+def ttl_from_env(default: float = DEFAULT_TTL) -> float:
+    """``$BERTH_CRI_STREAM_TOKEN_TTL`` in seconds (> 0), else ``default``; InvalidArgument if bad."""
+    text = os.environ.get(TTL_ENV, "").strip()
+    if not text:
+        return default
+    try:
+        ttl = float(text)
+    except ValueError:
+        raise InvalidArgument(f"{TTL_ENV}={text!r}: not a number of seconds") from None
+    if not ttl > 0 or not math.isfinite(ttl):
+        raise InvalidArgument(f"{TTL_ENV}={text!r}: must be a positive number of seconds")
+    return ttl
 
 
 @dataclass(frozen=True)
