@@ -29,6 +29,7 @@ from plugins.cri.container.manager import ContainerManager
 from plugins.cri.images import K8S_NAMESPACE, CriImages
 from plugins.cri.imageservice import ImageService
 from plugins.cri.runtimeservice import RuntimeService
+from plugins.cri.sandbox.infra import SandboxImage
 from plugins.cri.sandbox.manager import SandboxManager
 from plugins.cri.store import CriStore
 from plugins.cri.streaming.backend import TaskBackend
@@ -87,6 +88,9 @@ async def init(ic: InitContext) -> Cri:
         cgroup_driver=config.cgroup_driver,
         sandbox_image=config.sandbox_image,
     )
+    if config.sandbox_image:
+        snapshots = db.snapshotter(config.snapshotter)
+        sandboxes.image_infra = SandboxImage(config.sandbox_image, cri_images, snapshots, db.leases)
     containers = ContainerManager(
         store=store,
         tasks=tasks,

@@ -62,10 +62,11 @@ from daemon.metadata.containers import ContainerStore, TypedValue
 from daemon.metadata.leases import LeaseStore
 from daemon.metadata.snapshots import NamespacedSnapshotter
 from daemon.mount import mounted
-from daemon.protocols import ExitStatus, Opaque, TaskIO, TaskManager, TaskStatus
+from daemon.oci import users
+from daemon.protocols import ExitStatus, Mount, Opaque, TaskIO, TaskManager, TaskStatus
 from daemon.typeurl import decode_any
 from plugins.cri import events
-from plugins.cri.container import specgen
+from plugins.cri.container import imagevolume, specgen
 from plugins.cri.container.stats import CpuRates, Sample, decode
 from plugins.cri.images import CriImage, CriImages
 from plugins.cri.store import (
@@ -78,6 +79,7 @@ from plugins.cri.store import (
     container_name,
     now_ns,
 )
+from plugins.cri.wirecache import EncodedEntries
 from protos.containerd.events import TaskExit, TaskOom
 from protos.runtime import v1 as cri
 
@@ -153,6 +155,41 @@ def resolve_log_path(log_directory: str, log_path: str) -> str:
     return full
 
 
+def copy_user_files(rootfs: str, target: Path) -> bool:
+    """Copy ``rootfs``'s /etc/passwd and /etc/group (as the user lookups read them: scoped, regular
+    files only) into ``target``/etc; False (nothing kept) if reading them fails. Blocking.
+
+    A fresh snapshot of an image is the image's content, so these answer every later lookup
+    for the same chain id exactly as a mount would; a missing file stays missing.
+    """
+    try:
+        texts = {name: users.read_in_root(rootfs, "/etc/" + name) for name in ("passwd", "group")}
+    except BerthError:
+        return False
+    if target.is_dir():
+        return True  # made earlier (by a concurrent create or a previous run): same chain, same files
+    tmp = target.with_name(f"{target.name}.tmp-{secrets.token_hex(4)}")
+    (tmp / "etc").mkdir(parents=True, mode=0o700)
+    for name, text in texts.items():
+        if text is not None:
+            (tmp / "etc" / name).write_text(text, encoding="utf-8")
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another create got there first
+        shutil.rmtree(tmp, True)
+    return target.is_dir()
+
+
+def _spec_json(inp: specgen.SpecInput) -> tuple[dict[str, Any], bytes]:
+    """The spec and its JSON (the encoding is a few ms for a spec with its seccomp profile); blocking."""
+    spec = specgen.container_spec(inp)
+    return spec, json.dumps(spec).encode()
+
+
+async def _none() -> None:
+    return None
+
+
 def runc_features(runc: str) -> specgen.Features:
     """``runc features`` (runc >= 1.1) decides rro and id-mapped mounts; blocking."""
     try:
@@ -202,6 +239,8 @@ class ContainerManager:
         self._watcher: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._creating: set[str] = set()
+        self.wire = EncodedEntries()
+        self._users_roots: dict[str, str] = {}  # chain id -> directory with its /etc/passwd, /etc/group
 
     # -- lifecycle of the manager ---------------------------------------------------------
 
@@ -377,36 +416,52 @@ class ContainerManager:
         lease: str,
         target_pid: int,
     ) -> None:
+        config = await imagevolume.mount_images(
+            config, sb, images=self.images, snapshotter=self.snapshotter, leases=self.leases
+        )
         features = await self._runc_features()
-        mounts = await self.snapshotter.prepare(NAMESPACE, cid, image.chain_id, lease=lease)
-        try:
-            pod = specgen.PodInfo(
-                id=sb.id,
-                config=pod_config,
-                netns_path=sb.meta.netns_path,
-                ipc_path=sb.meta.ipc_path,
-                uts_path=sb.meta.uts_path,
-                root_dir=sb.meta.root_dir,
-                cgroup_parent=sb.meta.cgroup_parent or pod_config.linux.cgroup_parent,
-                infra_pid=sb.status.pid,
+        pod = specgen.PodInfo(
+            id=sb.id,
+            config=pod_config,
+            netns_path=sb.meta.netns_path,
+            ipc_path=sb.meta.ipc_path,
+            uts_path=sb.meta.uts_path,
+            root_dir=sb.meta.root_dir,
+            cgroup_parent=sb.meta.cgroup_parent or pod_config.linux.cgroup_parent,
+            infra_pid=sb.status.pid,
+        )
+
+        def spec_input(rootfs: str) -> specgen.SpecInput:
+            return specgen.SpecInput(
+                container_id=cid,
+                config=config,
+                pod=pod,
+                image_name=config.image.image,
+                image_config=image.config,
+                rootfs=rootfs,
+                cgroup_driver=self.cgroup_driver,
+                features=features,
+                target_pid=target_pid,
+                host_hostname=socket.gethostname(),
             )
-            await asyncio.to_thread(self.state.mkdir, parents=True, exist_ok=True)
-            async with mounted(mounts, dir=self.state) as rootfs:
-                spec = await asyncio.to_thread(
-                    specgen.container_spec,
-                    specgen.SpecInput(
-                        container_id=cid,
-                        config=config,
-                        pod=pod,
-                        image_name=config.image.image,
-                        image_config=image.config,
-                        rootfs=str(rootfs),
-                        cgroup_driver=self.cgroup_driver,
-                        features=features,
-                        target_pid=target_pid,
-                        host_hostname=socket.gethostname(),
-                    ),
-                )
+
+        # The spec reads only the image's /etc/passwd and /etc/group from the rootfs; once they
+        # are copied out for this chain, the spec is made while the snapshot is prepared.
+        users_root = self._users_roots.get(image.chain_id)
+        prepared, made = await asyncio.gather(
+            self.snapshotter.prepare(NAMESPACE, cid, image.chain_id, lease=lease),
+            asyncio.to_thread(_spec_json, spec_input(users_root)) if users_root else _none(),
+            return_exceptions=True,
+        )
+        if isinstance(prepared, BaseException):
+            raise prepared
+        mounts = prepared
+        try:
+            if isinstance(made, BaseException):
+                raise made
+            if made is None:
+                made = await self._spec_mounted(image.chain_id, mounts, spec_input)
+            spec, spec_bytes = made
             entry: CriContainer = Entry(
                 ContainerMeta(
                     id=cid,
@@ -423,7 +478,6 @@ class ContainerManager:
             )
             image_labels = (image.config.get("config") or {}).get("Labels") or {}
             record_labels = {**{k: str(v) for k, v in dict(image_labels).items()}, **dict(config.labels)}
-            spec_bytes = json.dumps(spec).encode()
             try:
                 await self.store.add_container(
                     entry,
@@ -446,6 +500,19 @@ class ContainerManager:
                 await self.snapshotter.remove(NAMESPACE, cid)
             raise
         self._parsed[cid] = Parsed(config, spec)
+
+    async def _spec_mounted(
+        self, chain_id: str, mounts: list[Mount], spec_input: Callable[[str], specgen.SpecInput]
+    ) -> tuple[dict[str, Any], bytes]:
+        """The spec made on the mounted snapshot (the first container of an image), whose
+        /etc/passwd and /etc/group are then kept in a directory of their own for the next ones."""
+        await asyncio.to_thread(self.state.mkdir, parents=True, exist_ok=True)
+        async with mounted(mounts, dir=self.state) as rootfs:
+            made = await asyncio.to_thread(_spec_json, spec_input(str(rootfs)))
+            target = self.state / "users" / chain_id.replace(":", "-")
+            if await asyncio.to_thread(copy_user_files, str(rootfs), target):
+                self._users_roots[chain_id] = str(target)
+        return made
 
     async def _runc_features(self) -> specgen.Features:
         if self._features is None:
@@ -569,6 +636,7 @@ class ContainerManager:
             await self.store.remove_container(c)
             await asyncio.to_thread(shutil.rmtree, self._dir(c.id), True)
         self._parsed.pop(c.id, None)
+        self.wire.forget(c.id)
         self._rates.forget(c.id)
         log.info("cri.container.removed", id=c.id)
         await self._emit(statuses_before, cri.ContainerEventType.CONTAINER_DELETED_EVENT)
@@ -577,11 +645,17 @@ class ContainerManager:
         """The sandbox side's hook at StopPodSandbox: every container of the pod stopped (no grace)."""
         found = self.store.containers_of(sandbox_id)
         await asyncio.gather(*(self.stop(c.id, 0) for c in found))
+        await imagevolume.cleanup(
+            self.store.sandboxes.get(sandbox_id), snapshotter=self.snapshotter, leases=self.leases
+        )
 
     async def remove_containers(self, sandbox_id: str) -> None:
         """The sandbox side's hook at RemovePodSandbox: every container of the pod removed."""
         for c in self.store.containers_of(sandbox_id):
             await self.remove(c.id)
+        await imagevolume.cleanup(
+            self.store.sandboxes.get(sandbox_id), snapshotter=self.snapshotter, leases=self.leases
+        )
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -626,21 +700,37 @@ class ContainerManager:
             annotations=dict(c.annotations),
         )
 
-    def select(self, f: cri.ContainerFilter | None = None) -> list[cri.Container]:
-        """ListContainers: id and pod prefixes, state, labels (all must match)."""
+    def matching(self, f: cri.ContainerFilter | None = None) -> list[CriContainer]:
+        """ListContainers' choice: id and pod prefixes, state, labels (all must match); no message built."""
+        if f is None:
+            return list(self.store.containers.values())
+        id_prefix, pod_prefix, labels = f.id, f.pod_sandbox_id, f.label_selector
+        state = f.state.state if betterproto.serialized_on_wire(f.state) else None
         out = []
-        f = cri.ContainerFilter() if f is None else f
         for c in self.store.containers.values():
-            if f.id and not c.id.startswith(f.id):
+            if id_prefix and not c.id.startswith(id_prefix):
                 continue
-            if f.pod_sandbox_id and not c.meta.sandbox_id.startswith(f.pod_sandbox_id):
+            if pod_prefix and not c.meta.sandbox_id.startswith(pod_prefix):
                 continue
-            if betterproto.serialized_on_wire(f.state) and STATE_PB.get(c.status.state) != f.state.state:
+            if state is not None and STATE_PB.get(c.status.state) != state:
                 continue
-            if any(c.labels.get(k) != v for k, v in f.label_selector.items()):
+            if labels and any(c.labels.get(k) != v for k, v in labels.items()):
                 continue
-            out.append(self.container_pb(c))
+            out.append(c)
         return out
+
+    def select(self, f: cri.ContainerFilter | None = None) -> list[cri.Container]:
+        """ListContainers as messages (the reference the encoded path must equal)."""
+        return [self.container_pb(c) for c in self.matching(f)]
+
+    def encoded(self, c: CriContainer) -> bytes:
+        """``c``'s ``cri.Container`` as a field-1 element (:mod:`plugins.cri.wirecache`), cached.
+
+        The version is what :meth:`container_pb` reads that can change after
+        create: the state (created_at too, for safety); everything else in
+        the entry is fixed at CreateContainer.
+        """
+        return self.wire.get(c.id, (c.status.state, c.status.created_at), lambda: self.container_pb(c))
 
     async def status(self, container_id: str, verbose: bool = False) -> cri.ContainerStatusResponse:
         c = self.store.container(container_id)

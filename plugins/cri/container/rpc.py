@@ -14,6 +14,7 @@ from daemon.errors import Unimplemented
 from daemon.validate import required
 from plugins.cri import events
 from plugins.cri.container.manager import RUNNING, ContainerManager
+from plugins.cri.wirecache import preencoded
 from protos.runtime import v1 as cri
 
 STREAM_CHUNK = 100
@@ -59,14 +60,18 @@ class ContainerRpcs:
     async def list_containers(
         self, list_containers_request: cri.ListContainersRequest
     ) -> cri.ListContainersResponse:
-        return cri.ListContainersResponse(containers=self.containers.select(list_containers_request.filter))
+        """Pre-encoded entries joined (:mod:`plugins.cri.wirecache`): no message built or encoded per call."""
+        mgr = self.containers
+        found = mgr.matching(list_containers_request.filter)
+        return preencoded(cri.ListContainersResponse, [mgr.encoded(c) for c in found])
 
     async def stream_containers(
         self, stream_containers_request: cri.StreamContainersRequest
     ) -> AsyncIterator[cri.StreamContainersResponse]:
-        found = self.containers.select(stream_containers_request.filter)
+        mgr = self.containers
+        found = [mgr.encoded(c) for c in mgr.matching(stream_containers_request.filter)]
         for start in range(0, max(len(found), 1), STREAM_CHUNK):
-            yield cri.StreamContainersResponse(containers=found[start : start + STREAM_CHUNK])
+            yield preencoded(cri.StreamContainersResponse, found[start : start + STREAM_CHUNK])
 
     async def container_status(
         self, container_status_request: cri.ContainerStatusRequest

@@ -19,6 +19,8 @@ What kubelet expects, field by field:
   NODE), its PID namespace (POD: the infra process's, NODE: the host's,
   TARGET: another container's), gets its ``/etc/hosts``, ``/etc/resolv.conf``,
   ``/etc/hostname`` and ``/dev/shm``, its sysctls, a cgroup under its parent.
+* mounts: bind mounts as given; an image mount (``image`` set) binds the
+  image's read-only view that :mod:`.imagevolume` mounted (its ``host_path``).
 * security: privileged (only in a privileged pod), capabilities, read-only
   rootfs, seccomp, no_new_privs, masked/read-only paths; AppArmor and SELinux
   are not supported by this node and ignored (a log line says so).
@@ -40,6 +42,7 @@ from daemon.errors import FailedPrecondition, InvalidArgument, NotFound, Unimple
 from daemon.metadata.validate import validate_labels
 from daemon.oci import seccomp, users
 from daemon.oci import spec as oci
+from plugins.cri.container.imagevolume import check_image_mount
 from protos.runtime import v1 as cri
 
 log = structlog.get_logger("berth.cri.specgen")
@@ -120,8 +123,13 @@ def _pod_security(pod: PodInfo) -> cri.LinuxSandboxSecurityContext:
 # -- validation ----------------------------------------------------------------------------
 
 
-def validate_config(config: cri.ContainerConfig) -> None:
-    """Checks that need no file: InvalidArgument naming the field at fault."""
+def validate_config(config: cri.ContainerConfig, *, image_volumes_mounted: bool = False) -> None:
+    """Checks that need no file: InvalidArgument naming the field at fault.
+
+    An image mount (``image`` set) must come with an empty ``host_path`` and
+    ``readonly`` (containerd's rule); once :mod:`.imagevolume` has mounted it
+    (``image_volumes_mounted``), its ``host_path`` is the mounted image.
+    """
     if not config.metadata.name:
         raise InvalidArgument("config.metadata.name: must not be empty")
     if "/" in config.metadata.name:
@@ -140,8 +148,11 @@ def validate_config(config: cri.ContainerConfig) -> None:
         if not m.container_path or not m.container_path.startswith("/"):
             raise InvalidArgument(f"{where}.container_path {m.container_path!r}: must be an absolute path")
         if _set(m.image) and m.image.image:
-            raise Unimplemented(f"{where}.image: image volumes are not supported by this node yet")
-        if not m.host_path:
+            if not image_volumes_mounted:
+                check_image_mount(m, where)
+            elif not m.host_path:
+                raise FailedPrecondition(f"{where}.image {m.image.image!r}: the image volume is not mounted")
+        elif not m.host_path:
             raise InvalidArgument(f"{where}.host_path: must not be empty")
         if m.recursive_read_only and not m.readonly:
             raise InvalidArgument(f"{where}.recursive_read_only: needs readonly to be set too")
@@ -686,8 +697,11 @@ def spec_annotations(inp: SpecInput) -> dict[str, str]:
 
 
 def container_spec(inp: SpecInput) -> oci.Spec:
-    """The OCI spec of the container (module doc). Blocking: reads the rootfs and host files."""
-    validate_config(inp.config)
+    """The OCI spec of the container (module doc). Blocking: reads the rootfs and host files.
+
+    Image mounts of ``inp.config`` must be mounted already (:func:`.imagevolume.mount_images`).
+    """
+    validate_config(inp.config, image_volumes_mounted=True)
     config, sc = inp.config, _security(inp.config)
     for i, m in enumerate(config.mounts):
         if m.recursive_read_only and not inp.features.rro:

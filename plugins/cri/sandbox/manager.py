@@ -46,7 +46,7 @@ from plugins.cri.cni.network import CniNetwork, PodRef
 from plugins.cri.sandbox import files, infra
 from plugins.cri.sandbox import stats as podstats
 from plugins.cri.sandbox.validate import check_resources, check_sandbox_config, required
-from plugins.cri.sandbox.views import NOTREADY, READY, status_pb
+from plugins.cri.sandbox.views import NOTREADY, READY, sandbox_pb, status_pb
 from plugins.cri.store import (
     NAMESPACE,
     CriStore,
@@ -57,6 +57,7 @@ from plugins.cri.store import (
     now_ns,
     sandbox_name,
 )
+from plugins.cri.wirecache import EncodedEntries
 from protos.runtime import v1 as cri
 
 log = structlog.get_logger("berth.cri.sandbox")
@@ -118,11 +119,13 @@ class SandboxManager:
         self.state_dir = state_dir
         self.systemd = cgroup_driver == "systemd"
         self.sandbox_image = sandbox_image
+        self.image_infra: infra.SandboxImage | None = None  # set by the plugin for a sandbox_image
         self.handlers = frozenset(handlers)
         self.stop_containers = stop_containers
         self.remove_containers = remove_containers
         self.rates = podstats.CpuRates()
         self._configs: dict[str, cri.PodSandboxConfig] = {}
+        self.wire = EncodedEntries()
         self._watch: asyncio.Task[None] | None = None
         self._sub: Subscription | None = None
 
@@ -135,6 +138,16 @@ class SandboxManager:
             found = cri.PodSandboxConfig().parse(sb.meta.config)
             self._configs[sb.id] = found
         return found
+
+    def encoded(self, sb: Sandbox) -> bytes:
+        """``sb``'s ``cri.PodSandbox`` as a field-1 element (:mod:`plugins.cri.wirecache`), cached.
+
+        The version is what :func:`sandbox_pb` reads that can change: the
+        state (created_at too, for safety); the rest is fixed at RunPodSandbox.
+        """
+        return self.wire.get(
+            sb.id, (sb.status.state, sb.status.created_at), lambda: sandbox_pb(sb, self.config_of(sb))
+        )
 
     def status_of(self, sb: Sandbox) -> cri.PodSandboxStatus:
         return status_pb(sb, self.config_of(sb))
@@ -290,14 +303,18 @@ class SandboxManager:
         )
         sb: Sandbox = Entry(meta, status, dict(config.labels), dict(config.annotations))
         self._configs[sandbox_id] = config
-        shared_pid = options.pid == _MODE.POD
+        shared_pid = options.pid == _MODE.POD or self.image_infra is not None
         # The record always carries the infra spec (a container record needs one, and it shows
         # the pod's namespaces and cgroup); the task runs only for a shared PID namespace.
         spec = self._infra_spec(sb, config, paths)
+        root = infra.InfraRoot()
         if shared_pid:
-            await asyncio.to_thread(infra.prepare_rootfs, directory)
+            root = await infra.prepare_root(directory, sandbox_id, self.image_infra, undo)
         undo.append(lambda: self.store.remove_sandbox(sb))
-        await self.store.add_sandbox(sb, dict(config.labels), spec=spec)
+        await self.store.add_sandbox(
+            sb, dict(config.labels), spec=root.spec(spec), image=root.image,
+            snapshotter=root.snapshotter, snapshot_key=root.snapshot_key,
+        )  # fmt: skip
         if shared_pid:
             undo.append(lambda: infra.stop(self.tasks, sandbox_id))
             status.pid = await infra.start(self.tasks, sandbox_id)
@@ -379,10 +396,12 @@ class SandboxManager:
                 await self._stop_locked(sb)
             if self.remove_containers is not None:
                 await self.remove_containers(sb.id)
+            await infra.release_root(self.image_infra, sb.id)
             await files.remove_dir(Path(sb.meta.root_dir))
             status = self.status_of(sb)
             await self.store.remove_sandbox(sb)
             self._configs.pop(sb.id, None)
+            self.wire.forget(sb.id)
         log.info("sandbox.remove", sandbox=sb.id)
         events.publish(
             self.bus,

@@ -15,6 +15,7 @@ from daemon.errors import InvalidArgument
 from plugins.cri.sandbox.manager import SandboxManager
 from plugins.cri.sandbox.views import NOTREADY, READY, sandbox_pb, verbose_info
 from plugins.cri.store import Sandbox, now_ns
+from plugins.cri.wirecache import preencoded
 from protos.runtime import v1 as cri
 
 #: Sandboxes (or stats) per Stream* response.
@@ -64,26 +65,34 @@ class SandboxRpcs:
             )
         return resp
 
-    def _list(self, flt: cri.PodSandboxFilter) -> list[cri.PodSandbox]:
+    def _matching(self, flt: cri.PodSandboxFilter) -> list[Sandbox]:
         state: str | None = None
         if betterproto.serialized_on_wire(flt.state):
             state = READY if flt.state.state == cri.PodSandboxState.SANDBOX_READY else NOTREADY
+        return self.sandbox_manager.list(id_prefix=flt.id, state=state, labels=flt.label_selector)
+
+    def _list(self, flt: cri.PodSandboxFilter) -> list[cri.PodSandbox]:
+        """ListPodSandbox as messages (the reference the encoded path must equal)."""
         mgr = self.sandbox_manager
-        found = mgr.list(id_prefix=flt.id, state=state, labels=flt.label_selector)
-        return [sandbox_pb(sb, mgr.config_of(sb)) for sb in found]
+        return [sandbox_pb(sb, mgr.config_of(sb)) for sb in self._matching(flt)]
+
+    def _encoded(self, flt: cri.PodSandboxFilter) -> list[bytes]:
+        mgr = self.sandbox_manager
+        return [mgr.encoded(sb) for sb in self._matching(flt)]
 
     async def list_pod_sandbox(
         self, list_pod_sandbox_request: cri.ListPodSandboxRequest
     ) -> cri.ListPodSandboxResponse:
-        return cri.ListPodSandboxResponse(items=self._list(list_pod_sandbox_request.filter))
+        """Pre-encoded entries joined (:mod:`plugins.cri.wirecache`): no message built or encoded per call."""
+        return preencoded(cri.ListPodSandboxResponse, self._encoded(list_pod_sandbox_request.filter))
 
     async def stream_pod_sandboxes(
         self, stream_pod_sandboxes_request: cri.StreamPodSandboxesRequest
     ) -> AsyncIterator[cri.StreamPodSandboxesResponse]:
         """ListPodSandbox in chunks of :data:`STREAM_CHUNK` (at least one response, maybe empty)."""
-        items = self._list(stream_pod_sandboxes_request.filter)
+        items = self._encoded(stream_pod_sandboxes_request.filter)
         for start in range(0, max(len(items), 1), STREAM_CHUNK):
-            yield cri.StreamPodSandboxesResponse(pod_sandboxes=items[start : start + STREAM_CHUNK])
+            yield preencoded(cri.StreamPodSandboxesResponse, items[start : start + STREAM_CHUNK])
 
     async def pod_sandbox_stats(
         self, pod_sandbox_stats_request: cri.PodSandboxStatsRequest
