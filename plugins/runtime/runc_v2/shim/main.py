@@ -21,7 +21,8 @@ containerd 1.6's runc v2 shim does it:
 
 The fast path skips the exec: :mod:`.zygote` forks pre-imported shims and calls
 :func:`serve_forked`, the same serving code. So that ``start``/``delete`` stay
-cheap, this module imports asyncio, ttrpc and the protos only where it serves.
+cheap, this module imports asyncio, ttrpc and the protos only where it serves,
+and as a program it keeps ssl, importlib.metadata and dateutil out (:mod:`.lean`).
 
 State lives under ``-state`` / $BERTH_SHIM_STATE (default /run/berth/shim):
 ``s/<hash>`` sockets (short names: unix paths are limited to 108 bytes),
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import select
@@ -69,6 +69,8 @@ class Layout:
     """Where one shim keeps its things under the state directory."""
 
     def __init__(self, state: str, namespace: str, shim_id: str, address: str) -> None:
+        import hashlib  # here: the bootstrap blocks OpenSSL's _hashlib first (lean.block_unused)
+
         self.state = Path(state)
         key = hashlib.sha256(f"{address}\0{namespace}\0{shim_id}".encode()).hexdigest()[:32]
         self.socket = self.state / "s" / key
@@ -190,7 +192,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The program ``berth-shim-runc-v2``: never called inside another process (it trims imports)."""
+    from plugins.runtime.runc_v2.shim import lean
+
+    lean.block_unused()
     args = parse_args(argv)
+    if args.action != "start":  # start only execs a shim: it needs no betterproto
+        lean.import_betterproto()
     if args.action == "start":
         sys.exit(start(args))
     if args.action == "delete":
@@ -348,13 +356,19 @@ def become_subreaper() -> None:
         raise OSError(code, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(code)}")
 
 
-def run(options: ShimOptions, ready_fd: int = -1) -> None:
-    """Serve until Shutdown: the body of the exec'd shim and of a zygote's child."""
+def run(options: ShimOptions, ready_fd: int = -1, *, configure_logs: bool = True) -> None:
+    """Serve until Shutdown: the body of the exec'd shim and of a zygote's child.
+
+    ``configure_logs=False`` keeps the process's structlog set-up: a zygote's
+    child whose zygote configured the same level on the same stderr object
+    (configuring again would only dirty ~0.7 MB of pages shared with the zygote).
+    """
     import asyncio
 
-    from daemon import logs
+    if configure_logs:
+        from daemon import logs
 
-    logs.configure("debug" if options.debug else "info", "json", sys.stderr)
+        logs.configure("debug" if options.debug else "info", "json", sys.stderr)
     asyncio.run(serve(options, ready_fd))
 
 
@@ -426,7 +440,9 @@ async def serve(options: ShimOptions, ready_fd: int = -1) -> None:
         log.info("shim.exit", uptime=round(time.monotonic() - started, 3))
 
 
-def serve_forked(options: ShimOptions, bundle: str, log_path: Path, ready_fd: int) -> None:
+def serve_forked(
+    options: ShimOptions, bundle: str, log_path: Path, ready_fd: int, *, configure_logs: bool = True
+) -> None:
     """The zygote's child becomes a shim: detach, reset what the zygote set, serve, never return.
 
     Every fd >= 3 but ``ready_fd`` is the zygote's (its socket, its clients,
@@ -450,7 +466,7 @@ def serve_forked(options: ShimOptions, bundle: str, log_path: Path, ready_fd: in
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
-        run(options, ready_fd)
+        run(options, ready_fd, configure_logs=configure_logs)
     except BaseException as exc:  # noqa: BLE001 - nothing may unwind into the zygote's code
         code = 1
         with contextlib.suppress(Exception):

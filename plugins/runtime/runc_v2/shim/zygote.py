@@ -6,8 +6,9 @@ pod. The zygote pays them once: it imports everything a shim runs, freezes the
 GC (so collections do not dirty the shared pages) and then forks one child per
 shim. The children share the imported pages copy-on-write.
 
-Server (``python -m plugins.runtime.runc_v2.shim.zygote -socket PATH -state DIR
--parent PID``, spawned by :meth:`ZygoteClient.spawn`):
+Server (``python -m plugins.runtime.runc_v2.shim.lean zygote -socket PATH -state
+DIR -parent PID``, spawned by :meth:`ZygoteClient.spawn`; ``-m .zygote`` works too
+but then cannot keep ssl out, see :mod:`.lean`):
 
 * dies with its parent (``PR_SET_PDEATHSIG``), so a restarted berthd spawns a
   new one; the shims it forked never die with it: each is a session leader
@@ -76,6 +77,7 @@ MAX_MESSAGE = 1 << 20
 #: What a forked shim runs, imported before the first fork so every shim shares the pages.
 SHIM_MODULES = (
     "asyncio",
+    "concurrent.futures.thread",  # asyncio.to_thread's executor, first used after the fork
     "ctypes",
     "datetime",
     "betterproto",
@@ -114,9 +116,11 @@ class _Starting:
 
 
 class ZygoteServer:
-    def __init__(self, path: str, state: str) -> None:
+    def __init__(self, path: str, state: str, *, debug: bool = False) -> None:
+        """``debug``: the log level the zygote configured (its children keep it when theirs is the same)."""
         self._path = path
         self._state = state
+        self._debug = debug
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._clients: dict[socket.socket, bytearray] = {}
         self._starting: dict[Path, _Starting] = {}  # by shim socket
@@ -244,7 +248,9 @@ class ZygoteServer:
         pid = os.fork()
         if pid == 0:  # the shim-to-be: never returns
             self._forget_in_child()
-            serve_forked(options, bundle, layout.log_file, write_fd)
+            serve_forked(
+                options, bundle, layout.log_file, write_fd, configure_logs=options.debug != self._debug
+            )
         os.close(write_fd)
         self._starting[layout.socket] = _Starting(
             pid, read_fd, layout, time.monotonic() + START_TIMEOUT, [(client, seq, bundle)]
@@ -294,6 +300,34 @@ class ZygoteServer:
         client.close()
 
 
+def warm_messages() -> int:
+    """Build betterproto's per-class metadata of every message class a shim may use, before the fork.
+
+    betterproto builds a class's field tables and resolved type hints on its
+    first serialisation and caches them on the class: built in each shim after
+    the fork they would be private pages of every shim, built here they are
+    shared. The classes are those of the loaded ``protos.*`` modules, the ttrpc
+    envelopes and ``google.protobuf.Any``/``Empty``. Returns how many were warmed.
+    """
+    import betterproto
+    import betterproto.lib.google.protobuf as pb
+
+    modules = [m for name, m in sorted(sys.modules.items()) if m is not None and name.startswith("protos.")]
+    modules.append(sys.modules["daemon.ttrpc.frame"])
+    classes: dict[type[betterproto.Message], None] = {pb.Any: None, pb.Empty: None}
+    for module in modules:
+        for value in vars(module).values():
+            if (
+                isinstance(value, type)
+                and issubclass(value, betterproto.Message)
+                and value.__module__ == module.__name__
+            ):
+                classes[value] = None
+    for cls in classes:
+        cls().parse(bytes(cls()))
+    return len(classes)
+
+
 def die_with_parent(parent: int) -> None:
     import ctypes
 
@@ -317,13 +351,19 @@ def server_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     die_with_parent(args.parent)
     from daemon import logs
+    from plugins.runtime.runc_v2.shim import lean
 
+    lean.trim()  # a no-op when started through lean, as spawn does
     logs.configure("debug" if args.debug else "info", "json", sys.stderr)
     for module in SHIM_MODULES:
         importlib.import_module(module)
+    warm_messages()
+    # Also run the event loop's set-up code once (no thread, its fds closed): its first run
+    # in every child would otherwise write into ~0.2 MB of code and objects shared with us.
+    asyncio.new_event_loop().close()
     gc.collect()
     gc.freeze()
-    server = ZygoteServer(args.socket, args.state)
+    server = ZygoteServer(args.socket, args.state, debug=args.debug)
     server.listen()
     print("ready", flush=True)
     log.info("zygote.serve", socket=args.socket, pid=os.getpid())
@@ -364,7 +404,8 @@ class ZygoteClient:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "plugins.runtime.runc_v2.shim.zygote",
+            "plugins.runtime.runc_v2.shim.lean",
+            "zygote",
             *("-socket", str(path), "-state", str(state), "-parent", str(os.getpid())),
             *(["-debug"] if debug else []),
             stdin=asyncio.subprocess.DEVNULL,

@@ -13,7 +13,6 @@ from typing import (
 import betterproto
 import betterproto.lib.google.protobuf as betterproto_lib_google_protobuf
 import grpclib
-from betterproto.grpc.grpclib_server import ServiceBase
 
 if TYPE_CHECKING:
     import grpclib.server
@@ -51,27 +50,17 @@ class LogsStub(betterproto.ServiceStub):
         )
 
 
-class LogsBase(ServiceBase):
+# Added by protos/generate.py: the grpclib server bases live in ._grpclib_server, imported on
+# first use, so importing this package for its messages does not load grpclib.server.
+if TYPE_CHECKING:
+    from ._grpclib_server import LogsBase as LogsBase
 
-    async def reopen(
-        self, reopen_log_request: "ReopenLogRequest"
-    ) -> "betterproto_lib_google_protobuf.Empty":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+_SERVICE_BASES = frozenset(("LogsBase",))
 
-    async def __rpc_reopen(
-        self,
-        stream: "grpclib.server.Stream[ReopenLogRequest, betterproto_lib_google_protobuf.Empty]",
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.reopen(request)
-        await stream.send_message(response)
 
-    def __mapping__(self) -> Dict[str, grpclib.const.Handler]:
-        return {
-            "/berth.shim.v1.Logs/Reopen": grpclib.const.Handler(
-                self.__rpc_reopen,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                ReopenLogRequest,
-                betterproto_lib_google_protobuf.Empty,
-            ),
-        }
+def __getattr__(name: str) -> type:
+    if name in _SERVICE_BASES:
+        from . import _grpclib_server
+
+        return getattr(_grpclib_server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,7 +13,6 @@ from typing import (
 
 import betterproto
 import grpclib
-from betterproto.grpc.grpclib_server import ServiceBase
 
 if TYPE_CHECKING:
     import grpclib.server
@@ -60,24 +59,17 @@ class GarbageCollectorStub(betterproto.ServiceStub):
         )
 
 
-class GarbageCollectorBase(ServiceBase):
+# Added by protos/generate.py: the grpclib server bases live in ._grpclib_server, imported on
+# first use, so importing this package for its messages does not load grpclib.server.
+if TYPE_CHECKING:
+    from ._grpclib_server import GarbageCollectorBase as GarbageCollectorBase
 
-    async def collect(self, collect_request: "CollectRequest") -> "CollectResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+_SERVICE_BASES = frozenset(("GarbageCollectorBase",))
 
-    async def __rpc_collect(
-        self, stream: "grpclib.server.Stream[CollectRequest, CollectResponse]"
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.collect(request)
-        await stream.send_message(response)
 
-    def __mapping__(self) -> Dict[str, grpclib.const.Handler]:
-        return {
-            "/berth.services.gc.v1.GarbageCollector/Collect": grpclib.const.Handler(
-                self.__rpc_collect,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                CollectRequest,
-                CollectResponse,
-            ),
-        }
+def __getattr__(name: str) -> type:
+    if name in _SERVICE_BASES:
+        from . import _grpclib_server
+
+        return getattr(_grpclib_server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,7 +18,6 @@ from typing import (
 
 import betterproto
 import grpclib
-from betterproto.grpc.grpclib_server import ServiceBase
 
 from .....containerd import types as ____containerd_types__
 
@@ -173,68 +172,17 @@ class TransferStub(betterproto.ServiceStub):
             yield response
 
 
-class TransferBase(ServiceBase):
+# Added by protos/generate.py: the grpclib server bases live in ._grpclib_server, imported on
+# first use, so importing this package for its messages does not load grpclib.server.
+if TYPE_CHECKING:
+    from ._grpclib_server import TransferBase as TransferBase
 
-    async def pull(self, pull_request: "PullRequest") -> AsyncIterator[PullProgress]:
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-        yield PullProgress()
+_SERVICE_BASES = frozenset(("TransferBase",))
 
-    async def import_(
-        self, import_chunk_iterator: AsyncIterator[ImportChunk]
-    ) -> "ImportResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
-    async def export(
-        self, export_request: "ExportRequest"
-    ) -> AsyncIterator[ExportChunk]:
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-        yield ExportChunk()
+def __getattr__(name: str) -> type:
+    if name in _SERVICE_BASES:
+        from . import _grpclib_server
 
-    async def __rpc_pull(
-        self, stream: "grpclib.server.Stream[PullRequest, PullProgress]"
-    ) -> None:
-        request = await stream.recv_message()
-        await self._call_rpc_handler_server_stream(
-            self.pull,
-            stream,
-            request,
-        )
-
-    async def __rpc_import_(
-        self, stream: "grpclib.server.Stream[ImportChunk, ImportResponse]"
-    ) -> None:
-        request = stream.__aiter__()
-        response = await self.import_(request)
-        await stream.send_message(response)
-
-    async def __rpc_export(
-        self, stream: "grpclib.server.Stream[ExportRequest, ExportChunk]"
-    ) -> None:
-        request = await stream.recv_message()
-        await self._call_rpc_handler_server_stream(
-            self.export,
-            stream,
-            request,
-        )
-
-    def __mapping__(self) -> Dict[str, grpclib.const.Handler]:
-        return {
-            "/berth.services.images.v1.Transfer/Pull": grpclib.const.Handler(
-                self.__rpc_pull,
-                grpclib.const.Cardinality.UNARY_STREAM,
-                PullRequest,
-                PullProgress,
-            ),
-            "/berth.services.images.v1.Transfer/Import": grpclib.const.Handler(
-                self.__rpc_import_,
-                grpclib.const.Cardinality.STREAM_UNARY,
-                ImportChunk,
-                ImportResponse,
-            ),
-            "/berth.services.images.v1.Transfer/Export": grpclib.const.Handler(
-                self.__rpc_export,
-                grpclib.const.Cardinality.UNARY_STREAM,
-                ExportRequest,
-                ExportChunk,
-            ),
-        }
+        return getattr(_grpclib_server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,7 +16,6 @@ from typing import (
 import betterproto
 import betterproto.lib.google.protobuf as betterproto_lib_google_protobuf
 import grpclib
-from betterproto.grpc.grpclib_server import ServiceBase
 
 if TYPE_CHECKING:
     import grpclib.server
@@ -232,125 +231,17 @@ class ContainersStub(betterproto.ServiceStub):
         )
 
 
-class ContainersBase(ServiceBase):
+# Added by protos/generate.py: the grpclib server bases live in ._grpclib_server, imported on
+# first use, so importing this package for its messages does not load grpclib.server.
+if TYPE_CHECKING:
+    from ._grpclib_server import ContainersBase as ContainersBase
 
-    async def get(
-        self, get_container_request: "GetContainerRequest"
-    ) -> "GetContainerResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+_SERVICE_BASES = frozenset(("ContainersBase",))
 
-    async def list(
-        self, list_containers_request: "ListContainersRequest"
-    ) -> "ListContainersResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
-    async def list_stream(
-        self, list_containers_request: "ListContainersRequest"
-    ) -> AsyncIterator[ListContainerMessage]:
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-        yield ListContainerMessage()
+def __getattr__(name: str) -> type:
+    if name in _SERVICE_BASES:
+        from . import _grpclib_server
 
-    async def create(
-        self, create_container_request: "CreateContainerRequest"
-    ) -> "CreateContainerResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-
-    async def update(
-        self, update_container_request: "UpdateContainerRequest"
-    ) -> "UpdateContainerResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-
-    async def delete(
-        self, delete_container_request: "DeleteContainerRequest"
-    ) -> "betterproto_lib_google_protobuf.Empty":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-
-    async def __rpc_get(
-        self, stream: "grpclib.server.Stream[GetContainerRequest, GetContainerResponse]"
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.get(request)
-        await stream.send_message(response)
-
-    async def __rpc_list(
-        self,
-        stream: "grpclib.server.Stream[ListContainersRequest, ListContainersResponse]",
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.list(request)
-        await stream.send_message(response)
-
-    async def __rpc_list_stream(
-        self,
-        stream: "grpclib.server.Stream[ListContainersRequest, ListContainerMessage]",
-    ) -> None:
-        request = await stream.recv_message()
-        await self._call_rpc_handler_server_stream(
-            self.list_stream,
-            stream,
-            request,
-        )
-
-    async def __rpc_create(
-        self,
-        stream: "grpclib.server.Stream[CreateContainerRequest, CreateContainerResponse]",
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.create(request)
-        await stream.send_message(response)
-
-    async def __rpc_update(
-        self,
-        stream: "grpclib.server.Stream[UpdateContainerRequest, UpdateContainerResponse]",
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.update(request)
-        await stream.send_message(response)
-
-    async def __rpc_delete(
-        self,
-        stream: "grpclib.server.Stream[DeleteContainerRequest, betterproto_lib_google_protobuf.Empty]",
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.delete(request)
-        await stream.send_message(response)
-
-    def __mapping__(self) -> Dict[str, grpclib.const.Handler]:
-        return {
-            "/containerd.services.containers.v1.Containers/Get": grpclib.const.Handler(
-                self.__rpc_get,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                GetContainerRequest,
-                GetContainerResponse,
-            ),
-            "/containerd.services.containers.v1.Containers/List": grpclib.const.Handler(
-                self.__rpc_list,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                ListContainersRequest,
-                ListContainersResponse,
-            ),
-            "/containerd.services.containers.v1.Containers/ListStream": grpclib.const.Handler(
-                self.__rpc_list_stream,
-                grpclib.const.Cardinality.UNARY_STREAM,
-                ListContainersRequest,
-                ListContainerMessage,
-            ),
-            "/containerd.services.containers.v1.Containers/Create": grpclib.const.Handler(
-                self.__rpc_create,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                CreateContainerRequest,
-                CreateContainerResponse,
-            ),
-            "/containerd.services.containers.v1.Containers/Update": grpclib.const.Handler(
-                self.__rpc_update,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                UpdateContainerRequest,
-                UpdateContainerResponse,
-            ),
-            "/containerd.services.containers.v1.Containers/Delete": grpclib.const.Handler(
-                self.__rpc_delete,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                DeleteContainerRequest,
-                betterproto_lib_google_protobuf.Empty,
-            ),
-        }
+        return getattr(_grpclib_server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

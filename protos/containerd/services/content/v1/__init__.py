@@ -19,7 +19,6 @@ from typing import (
 import betterproto
 import betterproto.lib.google.protobuf as betterproto_lib_google_protobuf
 import grpclib
-from betterproto.grpc.grpclib_server import ServiceBase
 
 if TYPE_CHECKING:
     import grpclib.server
@@ -350,178 +349,17 @@ class ContentStub(betterproto.ServiceStub):
         )
 
 
-class ContentBase(ServiceBase):
+# Added by protos/generate.py: the grpclib server bases live in ._grpclib_server, imported on
+# first use, so importing this package for its messages does not load grpclib.server.
+if TYPE_CHECKING:
+    from ._grpclib_server import ContentBase as ContentBase
 
-    async def info(self, info_request: "InfoRequest") -> "InfoResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+_SERVICE_BASES = frozenset(("ContentBase",))
 
-    async def update(self, update_request: "UpdateRequest") -> "UpdateResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
-    async def list(
-        self, list_content_request: "ListContentRequest"
-    ) -> AsyncIterator[ListContentResponse]:
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-        yield ListContentResponse()
+def __getattr__(name: str) -> type:
+    if name in _SERVICE_BASES:
+        from . import _grpclib_server
 
-    async def delete(
-        self, delete_content_request: "DeleteContentRequest"
-    ) -> "betterproto_lib_google_protobuf.Empty":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-
-    async def read(
-        self, read_content_request: "ReadContentRequest"
-    ) -> AsyncIterator[ReadContentResponse]:
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-        yield ReadContentResponse()
-
-    async def status(self, status_request: "StatusRequest") -> "StatusResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-
-    async def list_statuses(
-        self, list_statuses_request: "ListStatusesRequest"
-    ) -> "ListStatusesResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-
-    async def write(
-        self, write_content_request_iterator: AsyncIterator[WriteContentRequest]
-    ) -> AsyncIterator[WriteContentResponse]:
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-        yield WriteContentResponse()
-
-    async def abort(
-        self, abort_request: "AbortRequest"
-    ) -> "betterproto_lib_google_protobuf.Empty":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-
-    async def __rpc_info(
-        self, stream: "grpclib.server.Stream[InfoRequest, InfoResponse]"
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.info(request)
-        await stream.send_message(response)
-
-    async def __rpc_update(
-        self, stream: "grpclib.server.Stream[UpdateRequest, UpdateResponse]"
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.update(request)
-        await stream.send_message(response)
-
-    async def __rpc_list(
-        self, stream: "grpclib.server.Stream[ListContentRequest, ListContentResponse]"
-    ) -> None:
-        request = await stream.recv_message()
-        await self._call_rpc_handler_server_stream(
-            self.list,
-            stream,
-            request,
-        )
-
-    async def __rpc_delete(
-        self,
-        stream: "grpclib.server.Stream[DeleteContentRequest, betterproto_lib_google_protobuf.Empty]",
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.delete(request)
-        await stream.send_message(response)
-
-    async def __rpc_read(
-        self, stream: "grpclib.server.Stream[ReadContentRequest, ReadContentResponse]"
-    ) -> None:
-        request = await stream.recv_message()
-        await self._call_rpc_handler_server_stream(
-            self.read,
-            stream,
-            request,
-        )
-
-    async def __rpc_status(
-        self, stream: "grpclib.server.Stream[StatusRequest, StatusResponse]"
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.status(request)
-        await stream.send_message(response)
-
-    async def __rpc_list_statuses(
-        self, stream: "grpclib.server.Stream[ListStatusesRequest, ListStatusesResponse]"
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.list_statuses(request)
-        await stream.send_message(response)
-
-    async def __rpc_write(
-        self, stream: "grpclib.server.Stream[WriteContentRequest, WriteContentResponse]"
-    ) -> None:
-        request = stream.__aiter__()
-        await self._call_rpc_handler_server_stream(
-            self.write,
-            stream,
-            request,
-        )
-
-    async def __rpc_abort(
-        self,
-        stream: "grpclib.server.Stream[AbortRequest, betterproto_lib_google_protobuf.Empty]",
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.abort(request)
-        await stream.send_message(response)
-
-    def __mapping__(self) -> Dict[str, grpclib.const.Handler]:
-        return {
-            "/containerd.services.content.v1.Content/Info": grpclib.const.Handler(
-                self.__rpc_info,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                InfoRequest,
-                InfoResponse,
-            ),
-            "/containerd.services.content.v1.Content/Update": grpclib.const.Handler(
-                self.__rpc_update,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                UpdateRequest,
-                UpdateResponse,
-            ),
-            "/containerd.services.content.v1.Content/List": grpclib.const.Handler(
-                self.__rpc_list,
-                grpclib.const.Cardinality.UNARY_STREAM,
-                ListContentRequest,
-                ListContentResponse,
-            ),
-            "/containerd.services.content.v1.Content/Delete": grpclib.const.Handler(
-                self.__rpc_delete,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                DeleteContentRequest,
-                betterproto_lib_google_protobuf.Empty,
-            ),
-            "/containerd.services.content.v1.Content/Read": grpclib.const.Handler(
-                self.__rpc_read,
-                grpclib.const.Cardinality.UNARY_STREAM,
-                ReadContentRequest,
-                ReadContentResponse,
-            ),
-            "/containerd.services.content.v1.Content/Status": grpclib.const.Handler(
-                self.__rpc_status,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                StatusRequest,
-                StatusResponse,
-            ),
-            "/containerd.services.content.v1.Content/ListStatuses": grpclib.const.Handler(
-                self.__rpc_list_statuses,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                ListStatusesRequest,
-                ListStatusesResponse,
-            ),
-            "/containerd.services.content.v1.Content/Write": grpclib.const.Handler(
-                self.__rpc_write,
-                grpclib.const.Cardinality.STREAM_STREAM,
-                WriteContentRequest,
-                WriteContentResponse,
-            ),
-            "/containerd.services.content.v1.Content/Abort": grpclib.const.Handler(
-                self.__rpc_abort,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                AbortRequest,
-                betterproto_lib_google_protobuf.Empty,
-            ),
-        }
+        return getattr(_grpclib_server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,7 +15,6 @@ from typing import (
 import betterproto
 import betterproto.lib.google.protobuf as betterproto_lib_google_protobuf
 import grpclib
-from betterproto.grpc.grpclib_server import ServiceBase
 
 from .... import types as ___types__
 
@@ -109,40 +108,17 @@ class DiffStub(betterproto.ServiceStub):
         )
 
 
-class DiffBase(ServiceBase):
+# Added by protos/generate.py: the grpclib server bases live in ._grpclib_server, imported on
+# first use, so importing this package for its messages does not load grpclib.server.
+if TYPE_CHECKING:
+    from ._grpclib_server import DiffBase as DiffBase
 
-    async def apply(self, apply_request: "ApplyRequest") -> "ApplyResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+_SERVICE_BASES = frozenset(("DiffBase",))
 
-    async def diff(self, diff_request: "DiffRequest") -> "DiffResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
-    async def __rpc_apply(
-        self, stream: "grpclib.server.Stream[ApplyRequest, ApplyResponse]"
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.apply(request)
-        await stream.send_message(response)
+def __getattr__(name: str) -> type:
+    if name in _SERVICE_BASES:
+        from . import _grpclib_server
 
-    async def __rpc_diff(
-        self, stream: "grpclib.server.Stream[DiffRequest, DiffResponse]"
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.diff(request)
-        await stream.send_message(response)
-
-    def __mapping__(self) -> Dict[str, grpclib.const.Handler]:
-        return {
-            "/containerd.services.diff.v1.Diff/Apply": grpclib.const.Handler(
-                self.__rpc_apply,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                ApplyRequest,
-                ApplyResponse,
-            ),
-            "/containerd.services.diff.v1.Diff/Diff": grpclib.const.Handler(
-                self.__rpc_diff,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                DiffRequest,
-                DiffResponse,
-            ),
-        }
+        return getattr(_grpclib_server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,7 +15,6 @@ from typing import (
 import betterproto
 import betterproto.lib.google.protobuf as betterproto_lib_google_protobuf
 import grpclib
-from betterproto.grpc.grpclib_server import ServiceBase
 
 from .... import types as ___types__
 
@@ -95,68 +94,17 @@ class EventsStub(betterproto.ServiceStub):
             yield response
 
 
-class EventsBase(ServiceBase):
+# Added by protos/generate.py: the grpclib server bases live in ._grpclib_server, imported on
+# first use, so importing this package for its messages does not load grpclib.server.
+if TYPE_CHECKING:
+    from ._grpclib_server import EventsBase as EventsBase
 
-    async def publish(
-        self, publish_request: "PublishRequest"
-    ) -> "betterproto_lib_google_protobuf.Empty":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+_SERVICE_BASES = frozenset(("EventsBase",))
 
-    async def forward(
-        self, forward_request: "ForwardRequest"
-    ) -> "betterproto_lib_google_protobuf.Empty":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
-    async def subscribe(
-        self, subscribe_request: "SubscribeRequest"
-    ) -> AsyncIterator[___types__.Envelope]:
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-        yield ___types__.Envelope()
+def __getattr__(name: str) -> type:
+    if name in _SERVICE_BASES:
+        from . import _grpclib_server
 
-    async def __rpc_publish(
-        self,
-        stream: "grpclib.server.Stream[PublishRequest, betterproto_lib_google_protobuf.Empty]",
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.publish(request)
-        await stream.send_message(response)
-
-    async def __rpc_forward(
-        self,
-        stream: "grpclib.server.Stream[ForwardRequest, betterproto_lib_google_protobuf.Empty]",
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.forward(request)
-        await stream.send_message(response)
-
-    async def __rpc_subscribe(
-        self, stream: "grpclib.server.Stream[SubscribeRequest, ___types__.Envelope]"
-    ) -> None:
-        request = await stream.recv_message()
-        await self._call_rpc_handler_server_stream(
-            self.subscribe,
-            stream,
-            request,
-        )
-
-    def __mapping__(self) -> Dict[str, grpclib.const.Handler]:
-        return {
-            "/containerd.services.events.v1.Events/Publish": grpclib.const.Handler(
-                self.__rpc_publish,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                PublishRequest,
-                betterproto_lib_google_protobuf.Empty,
-            ),
-            "/containerd.services.events.v1.Events/Forward": grpclib.const.Handler(
-                self.__rpc_forward,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                ForwardRequest,
-                betterproto_lib_google_protobuf.Empty,
-            ),
-            "/containerd.services.events.v1.Events/Subscribe": grpclib.const.Handler(
-                self.__rpc_subscribe,
-                grpclib.const.Cardinality.UNARY_STREAM,
-                SubscribeRequest,
-                ___types__.Envelope,
-            ),
-        }
+        return getattr(_grpclib_server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

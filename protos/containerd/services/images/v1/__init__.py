@@ -15,7 +15,6 @@ from typing import (
 import betterproto
 import betterproto.lib.google.protobuf as betterproto_lib_google_protobuf
 import grpclib
-from betterproto.grpc.grpclib_server import ServiceBase
 
 from .... import types as ___types__
 
@@ -217,97 +216,17 @@ class ImagesStub(betterproto.ServiceStub):
         )
 
 
-class ImagesBase(ServiceBase):
+# Added by protos/generate.py: the grpclib server bases live in ._grpclib_server, imported on
+# first use, so importing this package for its messages does not load grpclib.server.
+if TYPE_CHECKING:
+    from ._grpclib_server import ImagesBase as ImagesBase
 
-    async def get(self, get_image_request: "GetImageRequest") -> "GetImageResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+_SERVICE_BASES = frozenset(("ImagesBase",))
 
-    async def list(
-        self, list_images_request: "ListImagesRequest"
-    ) -> "ListImagesResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
-    async def create(
-        self, create_image_request: "CreateImageRequest"
-    ) -> "CreateImageResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+def __getattr__(name: str) -> type:
+    if name in _SERVICE_BASES:
+        from . import _grpclib_server
 
-    async def update(
-        self, update_image_request: "UpdateImageRequest"
-    ) -> "UpdateImageResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-
-    async def delete(
-        self, delete_image_request: "DeleteImageRequest"
-    ) -> "betterproto_lib_google_protobuf.Empty":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-
-    async def __rpc_get(
-        self, stream: "grpclib.server.Stream[GetImageRequest, GetImageResponse]"
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.get(request)
-        await stream.send_message(response)
-
-    async def __rpc_list(
-        self, stream: "grpclib.server.Stream[ListImagesRequest, ListImagesResponse]"
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.list(request)
-        await stream.send_message(response)
-
-    async def __rpc_create(
-        self, stream: "grpclib.server.Stream[CreateImageRequest, CreateImageResponse]"
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.create(request)
-        await stream.send_message(response)
-
-    async def __rpc_update(
-        self, stream: "grpclib.server.Stream[UpdateImageRequest, UpdateImageResponse]"
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.update(request)
-        await stream.send_message(response)
-
-    async def __rpc_delete(
-        self,
-        stream: "grpclib.server.Stream[DeleteImageRequest, betterproto_lib_google_protobuf.Empty]",
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.delete(request)
-        await stream.send_message(response)
-
-    def __mapping__(self) -> Dict[str, grpclib.const.Handler]:
-        return {
-            "/containerd.services.images.v1.Images/Get": grpclib.const.Handler(
-                self.__rpc_get,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                GetImageRequest,
-                GetImageResponse,
-            ),
-            "/containerd.services.images.v1.Images/List": grpclib.const.Handler(
-                self.__rpc_list,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                ListImagesRequest,
-                ListImagesResponse,
-            ),
-            "/containerd.services.images.v1.Images/Create": grpclib.const.Handler(
-                self.__rpc_create,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                CreateImageRequest,
-                CreateImageResponse,
-            ),
-            "/containerd.services.images.v1.Images/Update": grpclib.const.Handler(
-                self.__rpc_update,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                UpdateImageRequest,
-                UpdateImageResponse,
-            ),
-            "/containerd.services.images.v1.Images/Delete": grpclib.const.Handler(
-                self.__rpc_delete,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                DeleteImageRequest,
-                betterproto_lib_google_protobuf.Empty,
-            ),
-        }
+        return getattr(_grpclib_server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,7 +15,6 @@ from typing import (
 import betterproto
 import betterproto.lib.google.protobuf as betterproto_lib_google_protobuf
 import grpclib
-from betterproto.grpc.grpclib_server import ServiceBase
 
 from .....google import rpc as ____google_rpc__
 from .... import types as ___types__
@@ -144,62 +143,17 @@ class IntrospectionStub(betterproto.ServiceStub):
         )
 
 
-class IntrospectionBase(ServiceBase):
+# Added by protos/generate.py: the grpclib server bases live in ._grpclib_server, imported on
+# first use, so importing this package for its messages does not load grpclib.server.
+if TYPE_CHECKING:
+    from ._grpclib_server import IntrospectionBase as IntrospectionBase
 
-    async def plugins(self, plugins_request: "PluginsRequest") -> "PluginsResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+_SERVICE_BASES = frozenset(("IntrospectionBase",))
 
-    async def server(
-        self,
-        betterproto_lib_google_protobuf_empty: "betterproto_lib_google_protobuf.Empty",
-    ) -> "ServerResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
-    async def plugin_info(
-        self, plugin_info_request: "PluginInfoRequest"
-    ) -> "PluginInfoResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+def __getattr__(name: str) -> type:
+    if name in _SERVICE_BASES:
+        from . import _grpclib_server
 
-    async def __rpc_plugins(
-        self, stream: "grpclib.server.Stream[PluginsRequest, PluginsResponse]"
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.plugins(request)
-        await stream.send_message(response)
-
-    async def __rpc_server(
-        self,
-        stream: "grpclib.server.Stream[betterproto_lib_google_protobuf.Empty, ServerResponse]",
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.server(request)
-        await stream.send_message(response)
-
-    async def __rpc_plugin_info(
-        self, stream: "grpclib.server.Stream[PluginInfoRequest, PluginInfoResponse]"
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.plugin_info(request)
-        await stream.send_message(response)
-
-    def __mapping__(self) -> Dict[str, grpclib.const.Handler]:
-        return {
-            "/containerd.services.introspection.v1.Introspection/Plugins": grpclib.const.Handler(
-                self.__rpc_plugins,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                PluginsRequest,
-                PluginsResponse,
-            ),
-            "/containerd.services.introspection.v1.Introspection/Server": grpclib.const.Handler(
-                self.__rpc_server,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                betterproto_lib_google_protobuf.Empty,
-                ServerResponse,
-            ),
-            "/containerd.services.introspection.v1.Introspection/PluginInfo": grpclib.const.Handler(
-                self.__rpc_plugin_info,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                PluginInfoRequest,
-                PluginInfoResponse,
-            ),
-        }
+        return getattr(_grpclib_server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,7 +15,6 @@ from typing import (
 import betterproto
 import betterproto.lib.google.protobuf as betterproto_lib_google_protobuf
 import grpclib
-from betterproto.grpc.grpclib_server import ServiceBase
 
 if TYPE_CHECKING:
     import grpclib.server
@@ -198,116 +197,17 @@ class LeasesStub(betterproto.ServiceStub):
         )
 
 
-class LeasesBase(ServiceBase):
+# Added by protos/generate.py: the grpclib server bases live in ._grpclib_server, imported on
+# first use, so importing this package for its messages does not load grpclib.server.
+if TYPE_CHECKING:
+    from ._grpclib_server import LeasesBase as LeasesBase
 
-    async def create(self, create_request: "CreateRequest") -> "CreateResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+_SERVICE_BASES = frozenset(("LeasesBase",))
 
-    async def delete(
-        self, delete_request: "DeleteRequest"
-    ) -> "betterproto_lib_google_protobuf.Empty":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
-    async def list(self, list_request: "ListRequest") -> "ListResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+def __getattr__(name: str) -> type:
+    if name in _SERVICE_BASES:
+        from . import _grpclib_server
 
-    async def add_resource(
-        self, add_resource_request: "AddResourceRequest"
-    ) -> "betterproto_lib_google_protobuf.Empty":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-
-    async def delete_resource(
-        self, delete_resource_request: "DeleteResourceRequest"
-    ) -> "betterproto_lib_google_protobuf.Empty":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-
-    async def list_resources(
-        self, list_resources_request: "ListResourcesRequest"
-    ) -> "ListResourcesResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-
-    async def __rpc_create(
-        self, stream: "grpclib.server.Stream[CreateRequest, CreateResponse]"
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.create(request)
-        await stream.send_message(response)
-
-    async def __rpc_delete(
-        self,
-        stream: "grpclib.server.Stream[DeleteRequest, betterproto_lib_google_protobuf.Empty]",
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.delete(request)
-        await stream.send_message(response)
-
-    async def __rpc_list(
-        self, stream: "grpclib.server.Stream[ListRequest, ListResponse]"
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.list(request)
-        await stream.send_message(response)
-
-    async def __rpc_add_resource(
-        self,
-        stream: "grpclib.server.Stream[AddResourceRequest, betterproto_lib_google_protobuf.Empty]",
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.add_resource(request)
-        await stream.send_message(response)
-
-    async def __rpc_delete_resource(
-        self,
-        stream: "grpclib.server.Stream[DeleteResourceRequest, betterproto_lib_google_protobuf.Empty]",
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.delete_resource(request)
-        await stream.send_message(response)
-
-    async def __rpc_list_resources(
-        self,
-        stream: "grpclib.server.Stream[ListResourcesRequest, ListResourcesResponse]",
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.list_resources(request)
-        await stream.send_message(response)
-
-    def __mapping__(self) -> Dict[str, grpclib.const.Handler]:
-        return {
-            "/containerd.services.leases.v1.Leases/Create": grpclib.const.Handler(
-                self.__rpc_create,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                CreateRequest,
-                CreateResponse,
-            ),
-            "/containerd.services.leases.v1.Leases/Delete": grpclib.const.Handler(
-                self.__rpc_delete,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                DeleteRequest,
-                betterproto_lib_google_protobuf.Empty,
-            ),
-            "/containerd.services.leases.v1.Leases/List": grpclib.const.Handler(
-                self.__rpc_list,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                ListRequest,
-                ListResponse,
-            ),
-            "/containerd.services.leases.v1.Leases/AddResource": grpclib.const.Handler(
-                self.__rpc_add_resource,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                AddResourceRequest,
-                betterproto_lib_google_protobuf.Empty,
-            ),
-            "/containerd.services.leases.v1.Leases/DeleteResource": grpclib.const.Handler(
-                self.__rpc_delete_resource,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                DeleteResourceRequest,
-                betterproto_lib_google_protobuf.Empty,
-            ),
-            "/containerd.services.leases.v1.Leases/ListResources": grpclib.const.Handler(
-                self.__rpc_list_resources,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                ListResourcesRequest,
-                ListResourcesResponse,
-            ),
-        }
+        return getattr(_grpclib_server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

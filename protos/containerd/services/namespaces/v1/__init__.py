@@ -14,7 +14,6 @@ from typing import (
 import betterproto
 import betterproto.lib.google.protobuf as betterproto_lib_google_protobuf
 import grpclib
-from betterproto.grpc.grpclib_server import ServiceBase
 
 if TYPE_CHECKING:
     import grpclib.server
@@ -171,102 +170,17 @@ class NamespacesStub(betterproto.ServiceStub):
         )
 
 
-class NamespacesBase(ServiceBase):
+# Added by protos/generate.py: the grpclib server bases live in ._grpclib_server, imported on
+# first use, so importing this package for its messages does not load grpclib.server.
+if TYPE_CHECKING:
+    from ._grpclib_server import NamespacesBase as NamespacesBase
 
-    async def get(
-        self, get_namespace_request: "GetNamespaceRequest"
-    ) -> "GetNamespaceResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+_SERVICE_BASES = frozenset(("NamespacesBase",))
 
-    async def list(
-        self, list_namespaces_request: "ListNamespacesRequest"
-    ) -> "ListNamespacesResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
-    async def create(
-        self, create_namespace_request: "CreateNamespaceRequest"
-    ) -> "CreateNamespaceResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+def __getattr__(name: str) -> type:
+    if name in _SERVICE_BASES:
+        from . import _grpclib_server
 
-    async def update(
-        self, update_namespace_request: "UpdateNamespaceRequest"
-    ) -> "UpdateNamespaceResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-
-    async def delete(
-        self, delete_namespace_request: "DeleteNamespaceRequest"
-    ) -> "betterproto_lib_google_protobuf.Empty":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-
-    async def __rpc_get(
-        self, stream: "grpclib.server.Stream[GetNamespaceRequest, GetNamespaceResponse]"
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.get(request)
-        await stream.send_message(response)
-
-    async def __rpc_list(
-        self,
-        stream: "grpclib.server.Stream[ListNamespacesRequest, ListNamespacesResponse]",
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.list(request)
-        await stream.send_message(response)
-
-    async def __rpc_create(
-        self,
-        stream: "grpclib.server.Stream[CreateNamespaceRequest, CreateNamespaceResponse]",
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.create(request)
-        await stream.send_message(response)
-
-    async def __rpc_update(
-        self,
-        stream: "grpclib.server.Stream[UpdateNamespaceRequest, UpdateNamespaceResponse]",
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.update(request)
-        await stream.send_message(response)
-
-    async def __rpc_delete(
-        self,
-        stream: "grpclib.server.Stream[DeleteNamespaceRequest, betterproto_lib_google_protobuf.Empty]",
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.delete(request)
-        await stream.send_message(response)
-
-    def __mapping__(self) -> Dict[str, grpclib.const.Handler]:
-        return {
-            "/containerd.services.namespaces.v1.Namespaces/Get": grpclib.const.Handler(
-                self.__rpc_get,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                GetNamespaceRequest,
-                GetNamespaceResponse,
-            ),
-            "/containerd.services.namespaces.v1.Namespaces/List": grpclib.const.Handler(
-                self.__rpc_list,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                ListNamespacesRequest,
-                ListNamespacesResponse,
-            ),
-            "/containerd.services.namespaces.v1.Namespaces/Create": grpclib.const.Handler(
-                self.__rpc_create,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                CreateNamespaceRequest,
-                CreateNamespaceResponse,
-            ),
-            "/containerd.services.namespaces.v1.Namespaces/Update": grpclib.const.Handler(
-                self.__rpc_update,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                UpdateNamespaceRequest,
-                UpdateNamespaceResponse,
-            ),
-            "/containerd.services.namespaces.v1.Namespaces/Delete": grpclib.const.Handler(
-                self.__rpc_delete,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                DeleteNamespaceRequest,
-                betterproto_lib_google_protobuf.Empty,
-            ),
-        }
+        return getattr(_grpclib_server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

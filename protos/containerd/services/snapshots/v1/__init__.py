@@ -16,7 +16,6 @@ from typing import (
 import betterproto
 import betterproto.lib.google.protobuf as betterproto_lib_google_protobuf
 import grpclib
-from betterproto.grpc.grpclib_server import ServiceBase
 
 from .... import types as ___types__
 
@@ -339,194 +338,17 @@ class SnapshotsStub(betterproto.ServiceStub):
         )
 
 
-class SnapshotsBase(ServiceBase):
+# Added by protos/generate.py: the grpclib server bases live in ._grpclib_server, imported on
+# first use, so importing this package for its messages does not load grpclib.server.
+if TYPE_CHECKING:
+    from ._grpclib_server import SnapshotsBase as SnapshotsBase
 
-    async def prepare(
-        self, prepare_snapshot_request: "PrepareSnapshotRequest"
-    ) -> "PrepareSnapshotResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+_SERVICE_BASES = frozenset(("SnapshotsBase",))
 
-    async def view(
-        self, view_snapshot_request: "ViewSnapshotRequest"
-    ) -> "ViewSnapshotResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
-    async def mounts(self, mounts_request: "MountsRequest") -> "MountsResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+def __getattr__(name: str) -> type:
+    if name in _SERVICE_BASES:
+        from . import _grpclib_server
 
-    async def commit(
-        self, commit_snapshot_request: "CommitSnapshotRequest"
-    ) -> "betterproto_lib_google_protobuf.Empty":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-
-    async def remove(
-        self, remove_snapshot_request: "RemoveSnapshotRequest"
-    ) -> "betterproto_lib_google_protobuf.Empty":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-
-    async def stat(
-        self, stat_snapshot_request: "StatSnapshotRequest"
-    ) -> "StatSnapshotResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-
-    async def update(
-        self, update_snapshot_request: "UpdateSnapshotRequest"
-    ) -> "UpdateSnapshotResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-
-    async def list(
-        self, list_snapshots_request: "ListSnapshotsRequest"
-    ) -> AsyncIterator[ListSnapshotsResponse]:
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-        yield ListSnapshotsResponse()
-
-    async def usage(self, usage_request: "UsageRequest") -> "UsageResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-
-    async def cleanup(
-        self, cleanup_request: "CleanupRequest"
-    ) -> "betterproto_lib_google_protobuf.Empty":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-
-    async def __rpc_prepare(
-        self,
-        stream: "grpclib.server.Stream[PrepareSnapshotRequest, PrepareSnapshotResponse]",
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.prepare(request)
-        await stream.send_message(response)
-
-    async def __rpc_view(
-        self, stream: "grpclib.server.Stream[ViewSnapshotRequest, ViewSnapshotResponse]"
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.view(request)
-        await stream.send_message(response)
-
-    async def __rpc_mounts(
-        self, stream: "grpclib.server.Stream[MountsRequest, MountsResponse]"
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.mounts(request)
-        await stream.send_message(response)
-
-    async def __rpc_commit(
-        self,
-        stream: "grpclib.server.Stream[CommitSnapshotRequest, betterproto_lib_google_protobuf.Empty]",
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.commit(request)
-        await stream.send_message(response)
-
-    async def __rpc_remove(
-        self,
-        stream: "grpclib.server.Stream[RemoveSnapshotRequest, betterproto_lib_google_protobuf.Empty]",
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.remove(request)
-        await stream.send_message(response)
-
-    async def __rpc_stat(
-        self, stream: "grpclib.server.Stream[StatSnapshotRequest, StatSnapshotResponse]"
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.stat(request)
-        await stream.send_message(response)
-
-    async def __rpc_update(
-        self,
-        stream: "grpclib.server.Stream[UpdateSnapshotRequest, UpdateSnapshotResponse]",
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.update(request)
-        await stream.send_message(response)
-
-    async def __rpc_list(
-        self,
-        stream: "grpclib.server.Stream[ListSnapshotsRequest, ListSnapshotsResponse]",
-    ) -> None:
-        request = await stream.recv_message()
-        await self._call_rpc_handler_server_stream(
-            self.list,
-            stream,
-            request,
-        )
-
-    async def __rpc_usage(
-        self, stream: "grpclib.server.Stream[UsageRequest, UsageResponse]"
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.usage(request)
-        await stream.send_message(response)
-
-    async def __rpc_cleanup(
-        self,
-        stream: "grpclib.server.Stream[CleanupRequest, betterproto_lib_google_protobuf.Empty]",
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.cleanup(request)
-        await stream.send_message(response)
-
-    def __mapping__(self) -> Dict[str, grpclib.const.Handler]:
-        return {
-            "/containerd.services.snapshots.v1.Snapshots/Prepare": grpclib.const.Handler(
-                self.__rpc_prepare,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                PrepareSnapshotRequest,
-                PrepareSnapshotResponse,
-            ),
-            "/containerd.services.snapshots.v1.Snapshots/View": grpclib.const.Handler(
-                self.__rpc_view,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                ViewSnapshotRequest,
-                ViewSnapshotResponse,
-            ),
-            "/containerd.services.snapshots.v1.Snapshots/Mounts": grpclib.const.Handler(
-                self.__rpc_mounts,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                MountsRequest,
-                MountsResponse,
-            ),
-            "/containerd.services.snapshots.v1.Snapshots/Commit": grpclib.const.Handler(
-                self.__rpc_commit,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                CommitSnapshotRequest,
-                betterproto_lib_google_protobuf.Empty,
-            ),
-            "/containerd.services.snapshots.v1.Snapshots/Remove": grpclib.const.Handler(
-                self.__rpc_remove,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                RemoveSnapshotRequest,
-                betterproto_lib_google_protobuf.Empty,
-            ),
-            "/containerd.services.snapshots.v1.Snapshots/Stat": grpclib.const.Handler(
-                self.__rpc_stat,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                StatSnapshotRequest,
-                StatSnapshotResponse,
-            ),
-            "/containerd.services.snapshots.v1.Snapshots/Update": grpclib.const.Handler(
-                self.__rpc_update,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                UpdateSnapshotRequest,
-                UpdateSnapshotResponse,
-            ),
-            "/containerd.services.snapshots.v1.Snapshots/List": grpclib.const.Handler(
-                self.__rpc_list,
-                grpclib.const.Cardinality.UNARY_STREAM,
-                ListSnapshotsRequest,
-                ListSnapshotsResponse,
-            ),
-            "/containerd.services.snapshots.v1.Snapshots/Usage": grpclib.const.Handler(
-                self.__rpc_usage,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                UsageRequest,
-                UsageResponse,
-            ),
-            "/containerd.services.snapshots.v1.Snapshots/Cleanup": grpclib.const.Handler(
-                self.__rpc_cleanup,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                CleanupRequest,
-                betterproto_lib_google_protobuf.Empty,
-            ),
-        }
+        return getattr(_grpclib_server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,7 +13,6 @@ from typing import (
 import betterproto
 import betterproto.lib.google.protobuf as betterproto_lib_google_protobuf
 import grpclib
-from betterproto.grpc.grpclib_server import ServiceBase
 
 if TYPE_CHECKING:
     import grpclib.server
@@ -46,28 +45,17 @@ class VersionStub(betterproto.ServiceStub):
         )
 
 
-class VersionBase(ServiceBase):
+# Added by protos/generate.py: the grpclib server bases live in ._grpclib_server, imported on
+# first use, so importing this package for its messages does not load grpclib.server.
+if TYPE_CHECKING:
+    from ._grpclib_server import VersionBase as VersionBase
 
-    async def version(
-        self,
-        betterproto_lib_google_protobuf_empty: "betterproto_lib_google_protobuf.Empty",
-    ) -> "VersionResponse":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+_SERVICE_BASES = frozenset(("VersionBase",))
 
-    async def __rpc_version(
-        self,
-        stream: "grpclib.server.Stream[betterproto_lib_google_protobuf.Empty, VersionResponse]",
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.version(request)
-        await stream.send_message(response)
 
-    def __mapping__(self) -> Dict[str, grpclib.const.Handler]:
-        return {
-            "/containerd.services.version.v1.Version/Version": grpclib.const.Handler(
-                self.__rpc_version,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                betterproto_lib_google_protobuf.Empty,
-                VersionResponse,
-            ),
-        }
+def __getattr__(name: str) -> type:
+    if name in _SERVICE_BASES:
+        from . import _grpclib_server
+
+        return getattr(_grpclib_server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,7 +13,6 @@ from typing import (
 import betterproto
 import betterproto.lib.google.protobuf as betterproto_lib_google_protobuf
 import grpclib
-from betterproto.grpc.grpclib_server import ServiceBase
 
 from ..... import types as ____types__
 
@@ -47,27 +46,17 @@ class EventsStub(betterproto.ServiceStub):
         )
 
 
-class EventsBase(ServiceBase):
+# Added by protos/generate.py: the grpclib server bases live in ._grpclib_server, imported on
+# first use, so importing this package for its messages does not load grpclib.server.
+if TYPE_CHECKING:
+    from ._grpclib_server import EventsBase as EventsBase
 
-    async def forward(
-        self, forward_request: "ForwardRequest"
-    ) -> "betterproto_lib_google_protobuf.Empty":
-        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+_SERVICE_BASES = frozenset(("EventsBase",))
 
-    async def __rpc_forward(
-        self,
-        stream: "grpclib.server.Stream[ForwardRequest, betterproto_lib_google_protobuf.Empty]",
-    ) -> None:
-        request = await stream.recv_message()
-        response = await self.forward(request)
-        await stream.send_message(response)
 
-    def __mapping__(self) -> Dict[str, grpclib.const.Handler]:
-        return {
-            "/containerd.services.events.ttrpc.v1.Events/Forward": grpclib.const.Handler(
-                self.__rpc_forward,
-                grpclib.const.Cardinality.UNARY_UNARY,
-                ForwardRequest,
-                betterproto_lib_google_protobuf.Empty,
-            ),
-        }
+def __getattr__(name: str) -> type:
+    if name in _SERVICE_BASES:
+        from . import _grpclib_server
+
+        return getattr(_grpclib_server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
