@@ -21,47 +21,93 @@
 It speaks only the wire API (like ``ctr``), so whatever it can do, any
 containerd client can do too. Exit codes: 0 ok, 1 the daemon said no (the
 gRPC status is printed), 2 usage, 3 the daemon cannot be reached.
+
+Start-up is most of a short command's time, so this module imports almost
+nothing: the command word is found first (:func:`command_word`, the same
+global options as the real parser), then only that command's module
+(:data:`GROUPS`) is imported and registers its parser; the other commands get
+an empty parser carrying their name and help, for ``berth --help`` and the
+usage line. asyncio, grpclib and betterproto come with the command module;
+structlog only if something on the command's path logs.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import logging
+import contextlib
+import importlib
 import os
 import sys
-from collections.abc import Sequence
-from datetime import UTC, datetime
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
-import structlog
-from grpclib.client import Channel
-from grpclib.exceptions import GRPCError, StreamTerminatedError
+if TYPE_CHECKING:
+    from daemon.cli.commands import Handler
 
-from daemon import __version__
-from daemon.cli import output
-from daemon.cli.client import Client, DaemonUnreachable
-from daemon.cli.commands import CliError, Handler, remove_each
-from daemon.cli.commands import containers as containers_cmd
-from daemon.cli.commands import content as content_cmd
-from daemon.cli.commands import cri as cri_cmd
-from daemon.cli.commands import gc as gc_cmd
-from daemon.cli.commands import images as images_cmd
-from daemon.cli.commands import run as run_cmd
-from daemon.cli.commands import snapshots as snapshots_cmd
-from daemon.cli.commands import tasks as tasks_cmd
-from daemon.cli.taskclient import TaskClient
-from daemon.config import DEFAULT_GRPC_ADDRESS
-from daemon.errors import BerthError
+#: berthd's default socket: :data:`daemon.config.DEFAULT_GRPC_ADDRESS`, not imported (daemon.config
+#: brings the whole configuration machinery along); tests/unit/test_cli_startup.py keeps them equal.
+DEFAULT_ADDRESS = "/run/berth/berth.sock"
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="berth", description="operate a berthd")
+class Command(NamedTuple):
+    name: str
+    aliases: tuple[str, ...]
+    help: str
+
+
+class Group(NamedTuple):
+    """A command module (``register(sub)`` adds its parsers, returns its handlers) and what it registers.
+
+    ``commands`` repeats the names and help the module's ``register`` gives, so
+    that ``berth --help`` lists every command without importing any module;
+    tests/unit/test_cli_startup.py checks that the two agree. ``lean``: the
+    command never leaves berthd's unix socket (ssl is kept out, see :mod:`daemon.lean`).
+    """
+
+    module: str
+    commands: tuple[Command, ...]
+    lean: bool = True
+
+
+GROUPS: tuple[Group, ...] = (
+    Group(
+        "daemon.cli.commands.server",
+        (
+            Command("version", (), "client and server versions"),
+            Command("plugins", (), "loaded plugins"),
+            Command("namespaces", ("ns",), "namespaces"),
+            Command("events", (), "print events as they happen"),
+        ),
+    ),
+    Group("daemon.cli.commands.images", (Command("images", ("image", "i"), "images"),)),
+    Group("daemon.cli.commands.snapshots", (Command("snapshots", ("snapshot", "sn"), "snapshots"),)),
+    Group("daemon.cli.commands.content", (Command("content", (), "content store blobs"),)),
+    Group(
+        "daemon.cli.commands.gc",
+        (Command("gc", (), "collect garbage now (every namespace) and print what was freed"),),
+    ),
+    Group("daemon.cli.commands.run", (Command("run", (), "run a container from an image (like ctr run)"),)),
+    Group("daemon.cli.commands.containers", (Command("containers", ("container", "c"), "containers"),)),
+    Group("daemon.cli.commands.tasks", (Command("tasks", ("task", "t"), "tasks (running containers)"),)),
+    Group(
+        "daemon.cli.commands.cri",
+        (Command("cri", (), "CRI v1 client (crictl's verbs): pods, containers, images"),),
+        lean=False,
+    ),
+)
+
+#: Every command name and alias -> its group.
+GROUP_OF: dict[str, Group] = {name: g for g in GROUPS for c in g.commands for name in (c.name, *c.aliases)}
+
+#: Handlers of the commands whose modules were registered so far (by :func:`build_parser`).
+COMMANDS: dict[str, Handler] = {}
+
+
+def _global_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--address",
         "-a",
-        default=os.environ.get("BERTH_ADDRESS", DEFAULT_GRPC_ADDRESS),
+        default=os.environ.get("BERTH_ADDRESS", DEFAULT_ADDRESS),
         help="berthd socket (env BERTH_ADDRESS)",
     )
     p.add_argument(
@@ -72,150 +118,60 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--format", choices=["table", "json"], default="table", help="output format")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per call (not for events)")
+
+
+class _NoCommand(Exception):
+    pass
+
+
+class _ScanParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _NoCommand(message)
+
+
+def command_word(argv: Sequence[str]) -> str | None:
+    """The command ``argv`` names (``run`` in ``berth -a S run --rm ...``), None when it names none.
+
+    Parsed with the real global options (abbreviations, ``-aS``, ``--x=y``
+    behave the same); whatever is wrong with them is left for the real parser to report.
+    """
+    scan = _ScanParser(prog="berth", add_help=False)
+    _global_options(scan)
+    scan.add_argument("command", nargs="?")
+    scan.add_argument("rest", nargs=argparse.REMAINDER)
+    try:
+        known, _ = scan.parse_known_args(argv)
+    except _NoCommand:
+        return None
+    return known.command if isinstance(known.command, str) else None
+
+
+def build_parser(groups: Iterable[Group]) -> argparse.ArgumentParser:
+    """The full parser of ``groups`` (their modules imported, handlers in :data:`COMMANDS`); the
+    other commands get a parser with their name and help only."""
+    wanted = set(groups)
+    p = argparse.ArgumentParser(prog="berth", description="operate a berthd")
+    _global_options(p)
     sub = p.add_subparsers(dest="command", required=True)
-
-    sub.add_parser("version", help="client and server versions")
-
-    plugins = sub.add_parser("plugins", help="loaded plugins").add_subparsers(dest="sub", required=True)
-    pls = plugins.add_parser("ls", help="list plugins with their status")
-    pls.add_argument("filters", nargs="*", help="containerd filters, e.g. type==berth.grpc.v1")
-
-    ns = sub.add_parser("namespaces", aliases=["ns"], help="namespaces").add_subparsers(
-        dest="sub", required=True
-    )
-    nls = ns.add_parser("ls", help="list namespaces")
-    nls.add_argument("--quiet", "-q", action="store_true", help="names only")
-    nc = ns.add_parser("create", help="create a namespace")
-    nc.add_argument("name")
-    nc.add_argument("labels", nargs="*", metavar="KEY=VALUE")
-    nl = ns.add_parser("label", help="set (KEY=VALUE) or clear (KEY=) labels")
-    nl.add_argument("name")
-    nl.add_argument("labels", nargs="*", metavar="KEY=VALUE")
-    nr = ns.add_parser("rm", help="remove namespaces (they must be empty)")
-    nr.add_argument("names", nargs="+")
-
-    ev = sub.add_parser("events", help="print events as they happen")
-    ev.add_argument("filters", nargs="*", help='containerd filters, e.g. topic~="^/namespaces/"')
-    for group in (images_cmd, snapshots_cmd, content_cmd, gc_cmd, run_cmd, containers_cmd, tasks_cmd):
-        COMMANDS.update(group.register(sub))
-    COMMANDS.update(cri_cmd.register(sub))
+    for group in GROUPS:
+        if group in wanted:
+            COMMANDS.update(importlib.import_module(group.module).register(sub))
+            continue
+        for c in group.commands:
+            sub.add_parser(c.name, aliases=list(c.aliases), help=c.help)
     return p
 
 
-def _labels(items: Sequence[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"berth: label {item!r}: expected KEY=VALUE")
-        out[key] = value
-    return out
-
-
-async def _version(c: Client, args: argparse.Namespace) -> None:
-    v = await c.version()
-    info = await c.server_info()
-    data = {
-        "client": {"version": __version__},
-        "server": {"version": v.version, "revision": v.revision, "uuid": info.uuid, "pid": info.pid},
-    }
-    if args.format == "json":
-        output.emit_json(data)
-        return
-    print(f"Client:\n  Version:  {__version__}\n")
-    print("Server:")
-    print(
-        f"  Version:  {v.version}\n  Revision: {v.revision}\n  UUID:     {info.uuid}\n  PID:      {info.pid}"
-    )
-
-
-async def _plugins(c: Client, args: argparse.Namespace) -> None:
-    plugins = await c.plugins(args.filters)
-    rows = []
-    for p in plugins:
-        status = output.plugin_status(p)
-        reason = p.init_err.message if p.init_err and p.init_err.message else ""
-        rows.append(
-            {
-                "type": p.type,
-                "id": p.id,
-                "status": status,
-                "requires": list(p.requires),
-                "exports": dict(p.exports),
-                "capabilities": list(p.capabilities),
-                "error": reason,
-            }
-        )
-    if args.format == "json":
-        output.emit_json(rows)
-        return
-    output.table(
-        ["TYPE", "ID", "STATUS", "MESSAGE"],
-        [[r["type"], r["id"], r["status"], r["error"]] for r in rows],
-    )
-
-
-async def _namespaces(c: Client, args: argparse.Namespace) -> None:
-    if args.sub == "ls":
-        spaces = await c.list_namespaces()
-        if args.format == "json":
-            output.emit_json([{"name": n.name, "labels": dict(n.labels)} for n in spaces])
-        elif args.quiet:
-            for n in spaces:
-                print(n.name)
-        else:
-            output.table(
-                ["NAME", "LABELS"],
-                [[n.name, output.labels_text(dict(n.labels))] for n in spaces],
-            )
-    elif args.sub == "create":
-        created = await c.create_namespace(args.name, _labels(args.labels))
-        _report(args, {"name": created.name, "labels": dict(created.labels)}, created.name)
-    elif args.sub == "label":
-        labels = _labels(args.labels)
-        updated = await c.label_namespace(args.name, labels)
-        _report(args, {"name": updated.name, "labels": dict(updated.labels)}, updated.name)
-    elif args.sub == "rm":
-        await remove_each("namespace", args.names, c.delete_namespace)
-
-
-def _report(args: argparse.Namespace, data: Any, text: str) -> None:
-    if args.format == "json":
-        output.emit_json(data)
-    else:
-        print(text)
-
-
-async def _events(c: Client, args: argparse.Namespace) -> None:
-    async for env in c.subscribe(args.filters):
-        payload = output.decode_any(env.event)
-        ts = env.timestamp.astimezone(UTC) if env.timestamp else datetime.now(UTC)
-        if args.format == "json":
-            output.emit_json(
-                {
-                    "timestamp": ts.isoformat(),
-                    "namespace": env.namespace,
-                    "topic": env.topic,
-                    "event": payload,
-                },
-                compact=True,
-            )
-        else:
-            text = json.dumps(payload, sort_keys=True, default=str)
-            print(f"{ts.isoformat()} {env.namespace} {env.topic} {text}")
-        sys.stdout.flush()
-
-
-COMMANDS: dict[str, Handler] = {
-    "version": _version,
-    "plugins": _plugins,
-    "namespaces": _namespaces,
-    "ns": _namespaces,
-    "events": _events,
-}
+def _parser() -> argparse.ArgumentParser:
+    """Every command registered (imports every command module): for tools that drive the handlers."""
+    return build_parser(GROUPS)
 
 
 async def _main(args: argparse.Namespace) -> int:
+    from grpclib.client import Channel
+
+    from daemon.cli.taskclient import TaskClient
+
     address = args.address.removeprefix("unix://")
     channel = Channel(path=address)
     try:
@@ -229,17 +185,61 @@ async def _main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quiet_logs() -> None:
-    """Library logs (daemon.mount, ...) as warnings and up, on stderr: stdout is the command's output."""
-    structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    _quiet_logs()
+    """Run one command; its exit status is returned.
+
+    Without ``argv`` this is the program itself (the ``berth`` script): the
+    process is trimmed first (:func:`daemon.lean.trim`) and, once the
+    command is done and stdout/stderr are flushed, ends with ``os._exit``:
+    interpreter teardown (freeing every module) would add ~15 ms to each
+    command and there is nothing left to run (asyncio.run joined its
+    threads; files, FIFOs, terminal modes are restored by the commands
+    themselves). A traceback from a bug still exits the normal way.
+    """
+    if argv is not None:
+        return _run(argv, trim=False)
+    try:
+        code = _run(sys.argv[1:], trim=True)
+    except SystemExit as exc:
+        code = _exit_status(exc)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError):  # the reader went away (berth ... | head)
+            stream.flush()
+    os._exit(code)
+
+
+def _exit_status(exc: SystemExit) -> int:
+    """What the interpreter would exit with for ``exc`` (printing a message code as it would)."""
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code
+    print(exc.code, file=sys.stderr)
+    return 1
+
+
+def _run(argv: list[str], *, trim: bool) -> int:
+    group = GROUP_OF.get(command_word(argv) or "")
+    if trim and group is not None:
+        from daemon import lean
+
+        lean.trim(block_ssl=group.lean)
+    args = build_parser([group] if group else []).parse_args(argv)
+
+    import asyncio
+
+    from grpclib.exceptions import GRPCError, StreamTerminatedError
+
+    from daemon.cli import output
+    from daemon.cli.client import DaemonUnreachable
+    from daemon.cli.commands import CliError
+    from daemon.cli.logs import quiet_logs, quiet_logs_if_loaded
+    from daemon.errors import BerthError
+
+    if group is None or group.lean:
+        quiet_logs_if_loaded()
+    else:
+        quiet_logs()  # its streaming verbs import logging modules lazily
     try:
         return asyncio.run(_main(args))
     except DaemonUnreachable as exc:

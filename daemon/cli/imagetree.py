@@ -172,6 +172,20 @@ async def read_tree(c: Client, record: PbImage, platform: Platform) -> ImageTree
     return tree
 
 
+async def image_defaults(c: Client, platform: str = "", snapshotter: str = "") -> tuple[Platform, str]:
+    """``(platform, snapshotter)``: each as requested, else the images plugin's (its exports), else
+    this host's platform and ``overlayfs``. One Introspection call at most, none when both are given."""
+    exported: dict[str, str] = {}
+    if not (platform and snapshotter):
+        exported = await c.plugin_exports("berth.images.v1")
+    wanted = platform or exported.get("platform", "")
+    try:
+        chosen = Platform.parse(wanted) if wanted else host_platform()
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    return chosen, snapshotter or exported.get("snapshotter", "") or "overlayfs"
+
+
 async def default_platform(c: Client, requested: str = "") -> Platform:
     """``requested``, else the images plugin's platform (its exports), else this host's."""
     try:

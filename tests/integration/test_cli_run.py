@@ -179,6 +179,27 @@ async def test_run_prints_output_passes_exit_code_and_rm_leaves_nothing(rund: Be
     # end of our stdin reaches the process (CloseIO), so `cat` ends
     assert ok(berth(rund, "run", "--rm", IMAGE, "r2", "cat", stdin=b"piped\n")) == "piped\n"
     assert ok(berth(rund, "run", "--rm", IMAGE, "r3", "true")) == ""
+    # our stdin is /dev/null: the process gets no FIFO but still sees end of input at once
+    devnull = subprocess.run(
+        [
+            str(BIN / "berth"),
+            "--address",
+            rund.address,
+            "run",
+            "--rm",
+            IMAGE,
+            "r4",
+            "sh",
+            "-c",
+            "cat; echo eof",
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=RUN_TIMEOUT,
+        env=rund.env,
+        check=False,
+    )
+    assert (devnull.returncode, devnull.stdout, devnull.stderr) == (0, b"eof\n", b"")
     assert containers(rund) == [] and snapshot_keys(rund) == before
 
 
@@ -273,6 +294,9 @@ async def test_unknown_image_missing_command_and_bad_flags(rund: Berthd) -> None
     assert err == "berth: image 'no/such:image': not found (pull or import it first)"
     err = fails(berth(rund, "run", "--rm", IMAGE, "x2", "/no/such/command"))
     assert "/no/such/command" in err  # runc's message, carried through
+    assert containers(rund) == [] and snapshot_keys(rund) == before
+    err = fails(berth(rund, "run", "--rm", "--snapshotter", "native", IMAGE, "x5", "true"))
+    assert err == f"berth: image {IMAGE!r}: not unpacked in snapshotter 'native' (pull or import it there)"
     assert containers(rund) == [] and snapshot_keys(rund) == before
     assert "cannot be used together" in fails(berth(rund, "run", "--rm", "-d", IMAGE, "x3", "true"))
     assert "dst is required" in fails(berth(rund, "run", "--mount", "type=bind,src=/tmp", IMAGE, "x4"))

@@ -3,24 +3,34 @@
 The CLI does what containerd's client library does for ``ctr run``, over
 the wire only:
 
-1. the image record and its config (Images, Content); the image must be
-   unpacked in the snapshotter;
-2. under a lease (so no garbage collection takes it half-way), an active
-   snapshot keyed by the container id on the image's top chain id;
+1. the image record and the images plugin's defaults (platform,
+   snapshotter) at once, then the image's documents (Images, Introspection,
+   Content); a lease is taken meanwhile;
+2. under the lease (so no garbage collection takes it half-way), an active
+   snapshot keyed by the container id on the image's top chain id (a
+   missing parent means the image is not unpacked there);
 3. the OCI spec, built here with :mod:`daemon.oci.spec` from the image
    config and the options. User names and supplementary groups come from
-   the image's /etc/passwd and /etc/group: the snapshot is mounted
-   read-only in a temporary directory for that (a snapshot that is a plain
+   the image's /etc/passwd and /etc/group, read from the snapshot's layer
+   directories (:mod:`daemon.cli.userfiles`), or, when the layers hold
+   anything that reader leaves to the kernel, from the snapshot mounted
+   read-only in a temporary directory (a snapshot that is a plain
    directory, such as the native snapshotter's, is read in place);
 4. the container record (``Containers.Create``), which from then on keeps
-   the snapshot; the lease is dropped;
-5. the task: FIFOs (:mod:`daemon.cli.taskio`), ``Tasks.Create`` with the
-   snapshot's mounts, ``Tasks.Wait`` issued before ``Tasks.Start``; output
-   copied to the terminal until the task exits, whose exit status becomes
-   ours (the shim reports 128+N for a death by signal N); the task is deleted.
+   the snapshot; the lease is dropped while the task is made;
+5. the task: FIFOs (:mod:`daemon.cli.taskio`; none for stdin when ours is
+   /dev/null, which the process then gets instead), ``Tasks.Create`` with
+   the snapshot's mounts from step 2, ``Tasks.Wait`` issued before
+   ``Tasks.Start``; output copied to the terminal until the task exits,
+   whose exit status becomes ours (the shim reports 128+N for a death by
+   signal N); the task is deleted.
 
 ``--rm`` deletes the task, the container and its snapshot at the end, on
 errors too. Without it the stopped container stays, as with ``ctr``.
+
+Everything here is short and runs while nothing else does, so the small
+blocking steps (FIFOs, the two user files, the spec) run inline on the loop:
+a worker thread would cost more to start than they take.
 """
 
 from __future__ import annotations
@@ -29,28 +39,33 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
+import shutil
 import signal
+import stat
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import structlog
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from daemon.cli import taskio
+from daemon.cli import taskio, userfiles
 from daemon.cli.client import Client
 from daemon.cli.commands import CliError, Handler
-from daemon.cli.imagetree import default_platform, default_snapshotter, read_tree
+from daemon.cli.imagetree import Platform, image_defaults, read_tree
 from daemon.cli.taskclient import DEFAULT_RUNTIME, TaskClient, spec_any
-from daemon.mount import mounted
 from daemon.oci import spec as ocispec
-from daemon.protocols import Mount as HostMount
 from protos.containerd.services.containers.v1 import Container, ContainerRuntime
 from protos.containerd.services.tasks.v1 import CreateTaskRequest
-from protos.containerd.types import Mount
 
-log = structlog.get_logger("berth.cli.run")
+if TYPE_CHECKING:
+    from daemon.protocols import Mount as HostMount
+    from protos.containerd.services.images.v1 import Image as PbImage
+    from protos.containerd.types import Mount
+
+T = TypeVar("T")
 
 #: Seconds to wait for the last output once the task exited, before and after deleting it.
 DRAIN_TIMEOUT = 5.0
@@ -148,6 +163,8 @@ def readonly_mounts(mounts: Sequence[Mount]) -> list[HostMount] | str:
     """
     if len(mounts) == 1 and mounts[0].type == "bind":
         return str(mounts[0].source)
+    from daemon.protocols import Mount as HostMount
+
     out: list[HostMount] = []
     for m in mounts:
         if m.type != "overlay":
@@ -173,12 +190,33 @@ def readonly_mounts(mounts: Sequence[Mount]) -> list[HostMount] | str:
 
 
 @contextlib.asynccontextmanager
-async def readable_rootfs(mounts: Sequence[Mount]) -> AsyncIterator[str]:
-    """A path where the snapshot's files can be read for the ``with`` body (see :func:`readonly_mounts`)."""
+async def users_root(mounts: Sequence[Mount]) -> AsyncIterator[str]:
+    """A directory where the snapshot's /etc/passwd and /etc/group read as in the snapshot, for the body.
+
+    A plain directory snapshot is read in place; an overlay's two files are
+    copied from its layers (:mod:`daemon.cli.userfiles`); otherwise the
+    snapshot is mounted read-only (see :func:`readonly_mounts`).
+    """
     plan = readonly_mounts(mounts)
     if isinstance(plan, str):
         yield plan
         return
+    copied = tempfile.mkdtemp(prefix="berth-users-")
+    try:
+        try:
+            userfiles.copy_user_files(mounts, copied)
+        except userfiles.NeedsMount:
+            pass
+        else:
+            yield copied
+            return
+    finally:
+        shutil.rmtree(copied, ignore_errors=True)
+    from daemon.cli.logs import quiet_logs
+
+    quiet_logs()  # daemon.mount logs through structlog
+    from daemon.mount import mounted
+
     async with mounted(plan) as root:
         yield str(root)
 
@@ -220,55 +258,83 @@ async def run(c: Client, args: argparse.Namespace) -> None:
     for m in args.mount:
         parse_mount(m)  # the operator's mistakes before anything is created
 
-    try:
-        image = await rc.get_image(args.image)
-    except GRPCError as exc:
-        if exc.status is Status.NOT_FOUND:
-            raise CliError(f"image {args.image!r}: not found (pull or import it first)") from None
-        raise
-    platform = await default_platform(rc, args.platform)
-    snapshotter = await default_snapshotter(rc, args.snapshotter)
-    tree = await read_tree(rc, image, platform)
-    if tree.config is None:
-        raise CliError(f"image {args.image!r}: no config for platform {platform} in the content store")
-    chain = tree.chain_ids
-    if not chain:
-        raise CliError(f"image {args.image!r}: its config lists no layers")
-    try:
-        await rc.stat_snapshot(snapshotter, chain[-1])
-    except GRPCError as exc:
-        if exc.status is Status.NOT_FOUND:
-            raise CliError(
-                f"image {args.image!r}: not unpacked in snapshotter {snapshotter!r} (pull or import it there)"
-            ) from None
-        raise
-
-    config_labels = (tree.config.get("config") or {}).get("Labels") or {}
+    # Three independent calls at once; whichever fails, a lease that was made is dropped.
+    leased: str | BaseException
+    found: PbImage | BaseException
+    defaults: tuple[Platform, str] | BaseException
+    leased, found, defaults = await asyncio.gather(
+        rc.create_lease("berth-run"),
+        _image(rc, args.image),
+        image_defaults(rc, args.platform, args.snapshotter),
+        return_exceptions=True,
+    )
+    lease = leased if isinstance(leased, str) else ""
+    dropping: asyncio.Task[None] | None = None
     state = _Created()
+    code = 0
     try:
+        image, (platform, snapshotter) = _result(found), _result(defaults)
+        _result(leased)
+        tree = await read_tree(rc, image, platform)
+        if tree.config is None:
+            raise CliError(f"image {args.image!r}: no config for platform {platform} in the content store")
+        chain = tree.chain_ids
+        if not chain:
+            raise CliError(f"image {args.image!r}: its config lists no layers")
+        config_labels = (tree.config.get("config") or {}).get("Labels") or {}
+        state.snapshotter = snapshotter
         await _create_container(
-            rc, args, tree.config, chain[-1], snapshotter, {**config_labels, **labels}, state
+            rc, args, tree.config, chain[-1], snapshotter, {**config_labels, **labels}, lease, state
         )
+        # The container record keeps the snapshot now: the lease goes while the task is made.
+        dropping, lease = asyncio.create_task(_drop_lease(rc, lease)), ""
         code = await attached(
             rc,
             args.id,
             tty=args.tty,
             detach=args.detach,
-            create=lambda fifos: _create_task(rc, args.id, snapshotter, fifos, args.tty, state),
+            create=lambda fifos: _create_task(rc, args.id, fifos, args.tty, state),
             on_exit=lambda: _delete_task(rc, args.id, state),
         )
     finally:
+        if lease:
+            await _drop_lease(rc, lease)
+        if dropping is not None:
+            await dropping
         if args.rm or not state.container:
-            await _cleanup(rc, args.id, snapshotter, state)
+            await _cleanup(rc, args.id, state.snapshotter, state)
     if code:
         raise SystemExit(code)
 
 
+def _result(value: T | BaseException) -> T:
+    """A result of ``gather(..., return_exceptions=True)``, or its exception raised."""
+    if isinstance(value, BaseException):
+        raise value
+    return value
+
+
+async def _image(rc: TaskClient, name: str) -> PbImage:
+    try:
+        return await rc.get_image(name)
+    except GRPCError as exc:
+        if exc.status is Status.NOT_FOUND:
+            raise CliError(f"image {name!r}: not found (pull or import it first)") from None
+        raise
+
+
+async def _drop_lease(rc: TaskClient, lease: str) -> None:
+    with contextlib.suppress(GRPCError):
+        await rc.delete_lease(lease)
+
+
 class _Created:
-    """What ``run`` has made so far, for the cleanup."""
+    """What ``run`` has made so far, for the cleanup and the task (the snapshot's mounts)."""
 
     def __init__(self) -> None:
+        self.snapshotter = ""
         self.snapshot = False
+        self.mounts: list[Mount] = []
         self.container = False
         self.task = False
 
@@ -280,46 +346,53 @@ async def _create_container(
     parent: str,
     snapshotter: str,
     labels: dict[str, str],
+    lease: str,
     state: _Created,
 ) -> None:
-    lease = await rc.create_lease("berth-run")
+    """The snapshot (under ``lease``), the spec, the container record."""
     try:
-        try:
-            mounts = await rc.prepare_snapshot(snapshotter, args.id, parent, lease)
-        except GRPCError as exc:
-            if exc.status is Status.ALREADY_EXISTS:
-                raise CliError(f"container {args.id!r}: a snapshot with this key already exists") from None
-            raise
-        state.snapshot = True
-        async with readable_rootfs(mounts) as rootfs:
-            opts = _spec_options(args, config, rootfs)
-            spec = await asyncio.to_thread(ocispec.generate, args.id, *opts, namespace=rc.namespace)
-        container = Container(
-            id=args.id,
-            labels=labels,
-            image=args.image,
-            runtime=ContainerRuntime(name=args.runtime),
-            spec=spec_any(json.dumps(spec).encode()),
-            snapshotter=snapshotter,
-            snapshot_key=args.id,
-        )
-        await rc.create_container(container, lease)
-        state.container = True
-    finally:
-        with contextlib.suppress(GRPCError):
-            await rc.delete_lease(lease)
+        state.mounts = await rc.prepare_snapshot(snapshotter, args.id, parent, lease)
+    except GRPCError as exc:
+        if exc.status is Status.ALREADY_EXISTS:
+            raise CliError(f"container {args.id!r}: a snapshot with this key already exists") from None
+        if exc.status is Status.NOT_FOUND and not await _has_snapshot(rc, snapshotter, parent):
+            raise CliError(
+                f"image {args.image!r}: not unpacked in snapshotter {snapshotter!r} (pull or import it there)"
+            ) from None
+        raise
+    state.snapshot = True
+    async with users_root(state.mounts) as rootfs:
+        opts = _spec_options(args, config, rootfs)
+        spec = ocispec.generate(args.id, *opts, namespace=rc.namespace)
+    container = Container(
+        id=args.id,
+        labels=labels,
+        image=args.image,
+        runtime=ContainerRuntime(name=args.runtime),
+        spec=spec_any(json.dumps(spec).encode()),
+        snapshotter=snapshotter,
+        snapshot_key=args.id,
+    )
+    await rc.create_container(container, lease)
+    state.container = True
+
+
+async def _has_snapshot(rc: TaskClient, snapshotter: str, key: str) -> bool:
+    """Whether ``key`` exists (asked only to explain a failed Prepare: is the image unpacked there?)."""
+    try:
+        await rc.stat_snapshot(snapshotter, key)
+    except GRPCError as exc:
+        if exc.status is Status.NOT_FOUND:
+            return False
+        raise
+    return True
 
 
 async def _create_task(
-    rc: TaskClient,
-    container_id: str,
-    snapshotter: str,
-    fifos: taskio.Fifos | None,
-    tty: bool,
-    state: _Created,
+    rc: TaskClient, container_id: str, fifos: taskio.Fifos | None, tty: bool, state: _Created
 ) -> None:
-    rootfs = await rc.snapshot_mounts(snapshotter, container_id)
-    req = CreateTaskRequest(container_id=container_id, rootfs=rootfs, terminal=tty)
+    """``Tasks.Create`` on the mounts Prepare returned (what a ``Snapshots.Mounts`` call would answer)."""
+    req = CreateTaskRequest(container_id=container_id, rootfs=state.mounts, terminal=tty)
     if fifos is not None:
         req.stdin, req.stdout, req.stderr = fifos.stdin, fifos.stdout, fifos.stderr
     await rc.create_task(req)
@@ -368,6 +441,15 @@ def _warn(what: str, exc: GRPCError) -> None:
 # -- attaching to a process --------------------------------------------------------
 
 
+def stdin_is_devnull(fd: int = 0) -> bool:
+    """Whether ``fd`` is the null device (a script's ``< /dev/null``, a service's stdin)."""
+    try:
+        ours, null = os.fstat(fd), os.stat(os.devnull)
+    except OSError:
+        return False
+    return stat.S_ISCHR(ours.st_mode) and ours.st_rdev == null.st_rdev
+
+
 async def attached(
     rc: TaskClient,
     container_id: str,
@@ -392,7 +474,9 @@ async def attached(
         await rc.start_task(container_id, exec_id)
         return 0
     name = exec_id or container_id
-    fifos = await asyncio.to_thread(taskio.Fifos.create, name, stderr=not tty)
+    # Our stdin being /dev/null, the process gets the shim's (/dev/null too): no FIFO, no copying
+    # thread, no CloseIO once it ended.
+    fifos = taskio.Fifos.create(name, stdin=tty or not stdin_is_devnull(), stderr=not tty)
     io: taskio.TaskIO | None = None
     waiter: asyncio.Task[Any] | None = None
     pending: set[asyncio.Task[Any]] = set()
@@ -456,4 +540,4 @@ async def attached(
                 await asyncio.gather(task, return_exceptions=True)
         if io is not None:
             io.close()
-        await asyncio.to_thread(fifos.remove)
+        fifos.remove()

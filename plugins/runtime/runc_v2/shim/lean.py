@@ -21,6 +21,7 @@ libraries come along uninvited and are kept out here, in shim processes only
   sys.modules right after betterproto's import, so a later ``import
   dateutil.parser`` gets the real package.
 
+The functions are :mod:`daemon.lean`'s (the ``berth`` CLI uses them too).
 Call :func:`trim` first thing in a process that is only a shim, before
 asyncio, hashlib or betterproto are imported (it does nothing to modules
 already imported). ``python -m plugins.runtime.runc_v2.shim.lean zygote ARGS``
@@ -29,73 +30,13 @@ trims, then runs the zygote server.
 
 from __future__ import annotations
 
-import os
 import sys
-import types
-from datetime import datetime
 
-#: Modules a shim never needs, kept out by a ``None`` entry in sys.modules.
-BLOCKED = ("ssl", "_ssl", "_hashlib")
-
-
-def block_unused() -> None:
-    """Make ``import`` of :data:`BLOCKED` raise ImportError in this process (unless already imported)."""
-    for name in BLOCKED:
-        sys.modules.setdefault(name, None)  # type: ignore[arg-type]
-
-
-def _isoparse(value: str) -> datetime:
-    """betterproto's ``isoparse``: dateutil's, imported on the first call."""
-    from dateutil.parser import isoparse  # type: ignore[import-untyped]
-
-    parsed: datetime = isoparse(value)
-    return parsed
-
-
-def _betterproto_version() -> str | None:
-    """betterproto's version from its ``.dist-info`` directory name (what importlib.metadata reads).
-
-    Looked up beside the first ``betterproto`` package on sys.path, the one ``import`` finds.
-    """
-    for entry in sys.path:
-        site = entry or os.curdir
-        if not os.path.isdir(os.path.join(site, "betterproto")):
-            continue
-        try:
-            names = os.listdir(site)
-        except OSError:
-            return None
-        for name in sorted(names):
-            if name.startswith("betterproto-") and name.endswith(".dist-info"):
-                return name[len("betterproto-") : -len(".dist-info")]
-        return None
-    return None
-
-
-def import_betterproto() -> None:
-    """Import betterproto without importlib.metadata and dateutil (see the module's docstring)."""
-    if "betterproto" in sys.modules:
-        return
-    added: list[str] = []
-    version = _betterproto_version()
-    if version is not None and "betterproto._version" not in sys.modules:
-        module = types.ModuleType("betterproto._version")
-        module.__version__ = version  # type: ignore[attr-defined]
-        sys.modules["betterproto._version"] = module  # stays: it is what betterproto would have built
-    if "dateutil.parser" not in sys.modules:
-        stand_in = types.ModuleType("dateutil.parser")
-        stand_in.isoparse = _isoparse  # type: ignore[attr-defined]
-        sys.modules["dateutil.parser"] = stand_in
-        added.append("dateutil.parser")
-    try:
-        import betterproto  # noqa: F401
-    finally:
-        for name in added:
-            del sys.modules[name]
+from daemon.lean import BLOCKED, block_unused, import_betterproto
 
 
 def trim() -> None:
-    """:func:`block_unused`, then :func:`import_betterproto`."""
+    """:func:`~daemon.lean.block_unused`, then :func:`~daemon.lean.import_betterproto`."""
     block_unused()
     import_betterproto()
 
@@ -113,3 +54,5 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+__all__ = ["BLOCKED", "block_unused", "import_betterproto", "main", "trim"]
