@@ -1,13 +1,18 @@
 """Mounting what snapshotters describe (:class:`daemon.protocols.Mount`) for real.
 
-Mounts are made by util-linux ``mount(8)`` in a child process, unmounts by
-``umount2(2)`` in a worker thread. The child is what lets a long overlay
-``lowerdir`` list fit: the kernel copies at most one page of mount options,
-and 128 absolute layer paths do not fit in 4 KiB. As containerd does, the
-lowerdirs are then rewritten relative to their common parent directory and
-the child runs with that directory as its working directory (the kernel
-resolves relative paths against the caller's cwd at mount time). The daemon
-process itself never changes directory: its cwd is shared by every thread.
+Mounts of the kernel's own kinds (bind, overlay, tmpfs) are made by
+``mount(2)`` in a worker thread, with the options split into flags and data
+as mount(8) and containerd split them (a read-only bind is a bind, then a
+read-only remount; propagation is a second call). Everything else goes to
+util-linux ``mount(8)`` in a child process: other types (helpers, loop
+devices), userspace options (``x-*``, ``loop``, ``nofail``), and overlay
+options too long for one page. The kernel copies at most one page of mount
+options, and 128 absolute layer paths do not fit in 4 KiB: as containerd
+does, the lowerdirs are then rewritten relative to their common parent
+directory and the child runs with that directory as its working directory
+(the kernel resolves relative paths against the caller's cwd at mount time).
+The daemon process itself never changes directory: its cwd is shared by
+every thread. Unmounts are ``umount2(2)`` in a worker thread.
 
 Errors are those of :mod:`daemon.errors`: a mount that fails is
 FailedPrecondition naming the type, target and mount(8)'s message;
@@ -54,6 +59,72 @@ BUSY_DELAY = 0.05
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
 _libc.umount2.restype = ctypes.c_int
+_libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
+_libc.mount.restype = ctypes.c_int
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_SYNCHRONOUS = 0x10
+MS_REMOUNT = 0x20
+MS_MANDLOCK = 0x40
+MS_DIRSYNC = 0x80
+MS_NOATIME = 0x400
+MS_NODIRATIME = 0x800
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_SILENT = 0x8000
+MS_UNBINDABLE = 1 << 17
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MS_SHARED = 1 << 20
+MS_RELATIME = 1 << 21
+MS_STRICTATIME = 1 << 24
+PROPAGATION = MS_SHARED | MS_PRIVATE | MS_SLAVE | MS_UNBINDABLE
+
+#: option -> (clear, flag): containerd's table (mount_linux.go parseMountOptions), as mount(8) reads them
+FLAG_OPTIONS: dict[str, tuple[bool, int]] = {
+    "async": (True, MS_SYNCHRONOUS),
+    "atime": (True, MS_NOATIME),
+    "bind": (False, MS_BIND),
+    "defaults": (False, 0),
+    "dev": (True, MS_NODEV),
+    "diratime": (True, MS_NODIRATIME),
+    "dirsync": (False, MS_DIRSYNC),
+    "exec": (True, MS_NOEXEC),
+    "mand": (False, MS_MANDLOCK),
+    "noatime": (False, MS_NOATIME),
+    "nodev": (False, MS_NODEV),
+    "nodiratime": (False, MS_NODIRATIME),
+    "noexec": (False, MS_NOEXEC),
+    "nomand": (True, MS_MANDLOCK),
+    "norelatime": (True, MS_RELATIME),
+    "nostrictatime": (True, MS_STRICTATIME),
+    "nosuid": (False, MS_NOSUID),
+    "rbind": (False, MS_BIND | MS_REC),
+    "relatime": (False, MS_RELATIME),
+    "remount": (False, MS_REMOUNT),
+    "ro": (False, MS_RDONLY),
+    "rw": (True, MS_RDONLY),
+    "strictatime": (False, MS_STRICTATIME),
+    "suid": (True, MS_NOSUID),
+    "sync": (False, MS_SYNCHRONOUS),
+    "private": (False, MS_PRIVATE),
+    "rprivate": (False, MS_PRIVATE | MS_REC),
+    "shared": (False, MS_SHARED),
+    "rshared": (False, MS_SHARED | MS_REC),
+    "slave": (False, MS_SLAVE),
+    "rslave": (False, MS_SLAVE | MS_REC),
+    "unbindable": (False, MS_UNBINDABLE),
+    "runbindable": (False, MS_UNBINDABLE | MS_REC),
+}
+#: types mount(2) makes without a helper, from a directory or a name (no block device, no loop)
+DIRECT_TYPES = frozenset({"bind", "overlay", "tmpfs"})
+#: options only mount(8) understands (they never reach the kernel)
+USERSPACE_OPTIONS = frozenset(
+    {"loop", "nofail", "auto", "noauto", "user", "nouser", "users", "owner", "group"}
+)
 
 
 @functools.cache
@@ -95,6 +166,74 @@ def compact_lowerdir(options: Sequence[str], limit: int = COMPACT_THRESHOLD) -> 
     return common, opts
 
 
+def mounts_directly(m: Mount) -> bool:
+    """Whether :func:`mount_direct` does what mount(8) would for ``m`` (else :func:`mount_command`)."""
+    if m.type not in DIRECT_TYPES:
+        return False
+    options = [o for o in m.options if o]
+    if any(o in USERSPACE_OPTIONS or o.startswith(("x-", "comment=", "loop=")) for o in options):
+        return False
+    return m.type != "overlay" or compact_lowerdir(options)[0] is None
+
+
+def split_options(options: Sequence[str]) -> tuple[int, str]:
+    """``(flags, data)`` for mount(2): known flag words become MS_* bits, the rest is the data string."""
+    flags = 0
+    data: list[str] = []
+    for option in options:
+        if not option:
+            continue
+        known = FLAG_OPTIONS.get(option)
+        if known is None:
+            data.append(option)
+        elif known[0]:
+            flags &= ~known[1]
+        else:
+            flags |= known[1]
+    return flags, ",".join(data)
+
+
+def _mount2(source: str, target: str, fstype: str, flags: int, data: str) -> None:
+    if _libc.mount(os.fsencode(source), os.fsencode(target), fstype.encode(), flags, data.encode()) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def mount_direct(m: Mount, target: str) -> None:
+    """Mount ``m`` on ``target`` with mount(2), as mount(8) would; blocking (call it in a thread).
+
+    For a :func:`mounts_directly` mount. A read-only bind is a bind, then a
+    read-only remount; propagation options are a second call. All or nothing:
+    if a later call fails the mount is taken away again. FailedPrecondition
+    names the type, source, target and the kernel's error.
+    """
+    options = [o for o in m.options if o]
+    if m.type == "bind" and not any(o in ("bind", "rbind") for o in options):
+        options.insert(0, "bind")
+    flags, data = split_options(options)
+    if len(data) >= PAGE_SIZE:
+        raise InvalidArgument(
+            f"{m.type} mount on {target}: options are {len(data)} bytes; the kernel accepts at most "
+            f"{PAGE_SIZE - 1}"
+        )
+    own = flags & ~PROPAGATION
+    source = m.source or "none"
+    try:
+        _mount2(source, target, m.type, own, data)
+    except OSError as exc:
+        raise FailedPrecondition(f"mount {m.type or 'none'} {m.source} on {target}: {exc.strerror}") from None
+    try:
+        if flags & PROPAGATION:
+            _mount2("", target, "", flags & (PROPAGATION | MS_REC | MS_SILENT), "")
+        if own & (MS_BIND | MS_RDONLY) == MS_BIND | MS_RDONLY:
+            _mount2("", target, "", (own & ~MS_REC) | MS_REMOUNT, "")
+    except OSError as exc:
+        _umount2(target, MNT_DETACH | UMOUNT_NOFOLLOW)
+        raise FailedPrecondition(
+            f"mount {m.type or 'none'} {m.source} on {target}: {exc.strerror} (setting flags)"
+        ) from None
+
+
 def mount_command(m: Mount, target: str) -> tuple[list[str], str | None]:
     options = [o for o in m.options if o]
     cwd: str | None = None
@@ -122,6 +261,10 @@ def mount_command(m: Mount, target: str) -> tuple[list[str], str | None]:
 
 
 async def _mount_one(m: Mount, target: str) -> None:
+    if mounts_directly(m):
+        await mount_in_thread(m, target)
+        log.debug("mount.done", type=m.type, source=m.source, target=target)
+        return
     argv, cwd = mount_command(m, target)
     proc = await asyncio.create_subprocess_exec(
         *argv,
@@ -144,6 +287,19 @@ async def _mount_one(m: Mount, target: str) -> None:
         text = " ".join((err or out).decode(errors="replace").split())
         raise FailedPrecondition(f"mount {m.type or 'none'} {m.source} on {target}: {text}")
     log.debug("mount.done", type=m.type, source=m.source, target=target, relative_to=cwd)
+
+
+async def mount_in_thread(m: Mount, target: str) -> None:
+    """:func:`mount_direct` in a worker thread; a cancelled caller leaves nothing mounted."""
+    done = asyncio.ensure_future(asyncio.to_thread(mount_direct, m, target))
+    try:
+        await asyncio.shield(done)
+    except asyncio.CancelledError:
+        # mount(2) cannot be taken back half-way: let it finish, then undo a success.
+        with contextlib.suppress(Exception):
+            await done
+            await unmount(target, detach=True)
+        raise
 
 
 async def mount_all(mounts: Sequence[Mount], target: str | os.PathLike[str]) -> None:

@@ -430,6 +430,24 @@ class TaskManager(Protocol):
         """
         ...
 
+    def prepare_shim(self, namespace: str, group: str) -> None:
+        """Start the shim of ``group`` in the background, ahead of the group's first task.
+
+        A group is what a task's spec annotations name (``io.containerd.runc.v2.group``,
+        else ``io.kubernetes.cri.sandbox-id``): the CRI calls this at RunPodSandbox
+        so StartContainer finds the pod's shim running, as containerd's does after
+        starting the pause container. Never fails nor waits: without it (or if it
+        fails, or the runtime cannot prepare) the first create starts the shim.
+        A prepared shim serves the group's tasks like any other; while it serves
+        none it lives until :meth:`release_idle_shim` (or its last task's delete),
+        and a berthd restart shuts it down.
+        """
+        ...
+
+    async def release_idle_shim(self, namespace: str, group: str) -> None:
+        """Shut down ``group``'s shim if it serves no task (StopPodSandbox); quiet if there is none."""
+        ...
+
 
 # -- images (appended with ImageManager: these imports serve it alone) -----------
 

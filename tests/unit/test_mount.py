@@ -12,11 +12,20 @@ import pytest
 
 from daemon.errors import FailedPrecondition, NotFound
 from daemon.mount import (
+    MS_BIND,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_PRIVATE,
+    MS_RDONLY,
+    MS_REC,
     PAGE_SIZE,
     compact_lowerdir,
     mount_all,
     mount_points_under,
     mounted,
+    mounts_directly,
+    split_options,
     unmount,
     unmount_all,
 )
@@ -203,3 +212,71 @@ async def test_mount_points_with_spaces_are_unescaped(scratch: Path) -> None:
         assert mount_points_under(scratch) == [str(target)]
     finally:
         await unmount(target)
+
+
+# -- mount(2) in-process, mount(8) for the rest -----------------------------------
+
+
+def test_kernel_kinds_mount_directly_the_rest_through_mount8() -> None:
+    assert mounts_directly(Mount("bind", "/a", options=("rbind", "ro")))
+    assert mounts_directly(Mount("tmpfs", "shm", options=("nosuid", "size=65536k")))
+    assert mounts_directly(
+        Mount("overlay", "overlay", options=("lowerdir=/a:/b", "upperdir=/c", "workdir=/d"))
+    )
+    assert not mounts_directly(Mount("ext4", "/dev/vdb"))
+    assert not mounts_directly(Mount("bind", "/a", options=("rbind", "x-berth.note=1")))
+    assert not mounts_directly(Mount("tmpfs", "t", options=("nofail",)))
+    long_lower = "lowerdir=" + ":".join(f"/var/lib/berth/snapshots/{i}/fs" for i in range(200))
+    assert not mounts_directly(Mount("overlay", "overlay", options=(long_lower,)))  # compaction needs a cwd
+
+
+def test_options_split_into_flags_and_data() -> None:
+    flags, data = split_options(["rbind", "ro", "nosuid", "nodev", "index=off", "", "rprivate"])
+    assert flags & MS_BIND and flags & MS_REC and flags & MS_RDONLY and flags & MS_NOSUID and flags & MS_NODEV
+    assert flags & MS_PRIVATE
+    assert data == "index=off"
+    assert split_options(["ro", "rw", "exec", "noexec"]) == (MS_NOEXEC, "")  # later words win
+
+
+def _mountinfo(target: Path) -> tuple[set[str], set[str], str]:
+    """(per-mount options, super options, optional fields) of the top mount on ``target``."""
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == str(target):
+                found = fields
+    assert found is not None, f"{target} is not mounted"
+    sep = found.index("-")
+    return set(found[5].split(",")), set(found[sep + 3].split(",")), " ".join(found[6:sep])
+
+
+async def test_direct_mounts_apply_flags_data_and_propagation(scratch: Path) -> None:
+    src, ro, tmp = _dirs(scratch, "src", "ro", "tmp")
+    (src / "f").write_text("x")
+    await mount_all([Mount("bind", str(src), options=("rbind", "ro", "nosuid", "rprivate"))], ro)
+    await mount_all(
+        [Mount("tmpfs", "shm", options=("nosuid", "nodev", "noexec", "mode=0700", "size=1m"))], tmp
+    )
+    try:
+        options, _, optional = _mountinfo(ro)
+        assert {"ro", "nosuid"} <= options  # the read-only remount of the bind took
+        assert "shared:" not in optional  # rprivate
+        assert (ro / "f").read_text() == "x"
+        options, super_options, _ = _mountinfo(tmp)
+        assert {"rw", "nosuid", "nodev", "noexec"} <= options
+        assert {"size=1024k", "mode=700"} <= super_options  # data reached the kernel
+    finally:
+        await unmount(tmp)
+        await unmount(ro)
+
+
+async def test_direct_mount_failure_names_the_error(scratch: Path) -> None:
+    (target,) = _dirs(scratch, "target")
+    with pytest.raises(
+        FailedPrecondition, match=f"mount bind {scratch / 'missing'} on {target}: No such file"
+    ):
+        await mount_all([Mount("bind", str(scratch / "missing"), options=("rbind",))], target)
+    with pytest.raises(FailedPrecondition, match=r"mount tmpfs t on .*: Invalid argument"):
+        await mount_all([Mount("tmpfs", "t", options=("size=lots",))], target)
+    assert mount_points_under(scratch) == []

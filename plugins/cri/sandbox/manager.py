@@ -7,16 +7,18 @@ What RunPodSandbox makes, in order (each undone, in reverse, if a later step fai
                             host network implies the host's UTS, as in containerd); hostname set
     files                   hostname, hosts, resolv.conf; shm tmpfs unless IPC is NODE
     CNI ADD                 PodRef + portMappings; the pod IP (no CNI for host network)
+    pod shim                started in the background from the first step on (TaskManager.prepare_shim),
+                            unless an infra task will start it
     record                  a container record in k8s.io (CriStore.add_sandbox)
     infra task              only if the pod shares its PID namespace (module infra)
     READY                   status file written; CREATED and STARTED events
 
 StopPodSandbox stops the pod's containers (the ``stop_containers`` hook the
-container side supplies), the infra task, runs CNI DEL, unpins the
-namespaces and unmounts shm; the record stays, NOTREADY. RemovePodSandbox
-stops first if needed, removes the pod's containers (``remove_containers``
-hook), the directory, the record and the name. Both are idempotent and an
-unknown id is OK.
+container side supplies), the infra task, the pod's shim if it serves no task,
+runs CNI DEL, unpins the namespaces and unmounts shm; the record stays,
+NOTREADY. RemovePodSandbox stops first if needed, removes the pod's
+containers (``remove_containers`` hook), the directory, the record and the
+name. Both are idempotent and an unknown id is OK.
 
 Every change to one sandbox happens under its entry's lock; different pods
 proceed concurrently. On start (:meth:`SandboxManager.recover`) sandboxes
@@ -267,8 +269,15 @@ class SandboxManager:
         directory = self.sandbox_dir(sandbox_id)
         hostname = files.pod_hostname(config)
         kinds = [k for k, host in (("net", host_net), ("ipc", host_ipc), ("uts", host_net)) if not host]
+        shared_pid = options.pid == _MODE.POD or self.image_infra is not None
 
         undo.append(lambda: files.remove_dir(directory))
+        if not shared_pid:
+            # The pod's shim starts now, beside the steps below, so StartContainer finds it running
+            # (an infra task starts it anyway). Never fails; a pod that never starts a container
+            # gets it shut down at StopPodSandbox.
+            undo.append(lambda: self.tasks.release_idle_shim(NAMESPACE, sandbox_id))
+            self.tasks.prepare_shim(NAMESPACE, sandbox_id)
         paths: dict[str, Path] = {}
         if kinds:
             undo.append(lambda: netns.remove_all(directory, kinds))
@@ -303,7 +312,6 @@ class SandboxManager:
         )
         sb: Sandbox = Entry(meta, status, dict(config.labels), dict(config.annotations))
         self._configs[sandbox_id] = config
-        shared_pid = options.pid == _MODE.POD or self.image_infra is not None
         # The record always carries the infra spec (a container record needs one, and it shows
         # the pod's namespaces and cgroup); the task runs only for a shared PID namespace.
         spec = self._infra_spec(sb, config, paths)
@@ -362,6 +370,7 @@ class SandboxManager:
             await self.stop_containers(sb.id)
         config = self.config_of(sb)
         await infra.stop(self.tasks, sb.id)
+        await self.tasks.release_idle_shim(NAMESPACE, sb.id)
         if sb.meta.netns_path:
             await self.network.delete(sb.id, sb.meta.netns_path, pod=pod_ref(config))
         directory = Path(sb.meta.root_dir)

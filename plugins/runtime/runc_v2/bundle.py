@@ -13,6 +13,13 @@ the shim again::
 Removal refuses to follow a rootfs that is still mounted: it unmounts first,
 so a shim that died before unmounting never makes berthd delete a snapshot's
 files through the mount.
+
+A group's shim started before its first task (``TaskManager.prepare_shim``)
+has a group directory instead, ``<state>/.prepared/<namespace>/<group>/``:
+a ``config.json`` that only names the group (what the shim's start reads
+to know its identity) and the ``address`` written by the start. It lives as
+long as that shim, so a restarted berthd finds a prepared shim that never
+got a task; :func:`walk` does not list it (the ``.`` directory is skipped).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import os
 import shutil
 import stat
@@ -38,6 +46,10 @@ CONFIG = "config.json"
 LOG_FIFO = "log"
 ADDRESS = "address"
 SHIM_BINARY = "shim-binary-path"
+#: where group directories of prepared shims live, under the plugin's state
+PREPARED = ".prepared"
+#: the annotation a group directory's config.json names its group with (containerd's)
+GROUP_ANNOTATION = "io.containerd.runc.v2.group"
 
 
 def _check_component(value: str, what: str) -> None:
@@ -76,6 +88,16 @@ class Bundle:
         (self.path / CONFIG).write_bytes(spec)
         self.rootfs.mkdir(mode=0o711)
         os.mkfifo(self.log_fifo, 0o700)
+
+    def create_group(self) -> None:
+        """Make a group directory (module docstring): ``config.json`` naming ``self.id`` as the group."""
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
+        try:
+            self.path.mkdir(mode=0o711)
+        except FileExistsError:
+            raise AlreadyExists(f"group directory {self.path}: already exists") from None
+        spec = json.dumps({"ociVersion": "1.0.2", "annotations": {GROUP_ANNOTATION: self.id}})
+        (self.path / CONFIG).write_text(spec)
 
     def exists(self) -> bool:
         return (self.path / CONFIG).is_file()

@@ -26,6 +26,7 @@ import builtins
 import contextlib
 import importlib
 import json
+import shutil
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -57,8 +58,9 @@ from daemon.protocols import (
     TaskStatus,
 )
 from daemon.ttrpc.services import LOGS_SERVICE
-from plugins.runtime.runc_v2.bundle import Bundle, LogReader
+from plugins.runtime.runc_v2.bundle import PREPARED, Bundle, LogReader, walk
 from plugins.runtime.runc_v2.shim.crilog import is_crilog
+from plugins.runtime.runc_v2.shim.main import Layout
 from plugins.runtime.runc_v2.shims import (
     NAMESPACE_KEY,
     Shim,
@@ -211,6 +213,7 @@ class TaskManager:
         self._tasks: dict[tuple[str, str], Task] = {}
         self._creating: set[tuple[str, str]] = set()
         self._groups: dict[tuple[str, str], Shim] = {}
+        self._preparing: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._group_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._published: OrderedDict[tuple[str, str, str, int], None] = OrderedDict()
         self._holding = False
@@ -379,10 +382,117 @@ class TaskManager:
                 if not await shim.wait_gone(SHUTDOWN_TIMEOUT):
                     log.warning("shim.still_running", pid=shim.pid, address=shim.address)
             await shim.close()
+            if shim.prepared:
+                await self._group_dir(shim.namespace, shim.group).remove()
+
+    # -- shims started ahead of their group's first task -----------------------
+
+    def _group_dir(self, namespace: str, group: str) -> Bundle:
+        return Bundle(self.settings.state / PREPARED, namespace, group)
+
+    def prepare_shim(self, namespace: str, group: str) -> None:
+        """Start ``group``'s shim in the background (see daemon.protocols.TaskManager.prepare_shim).
+
+        Only berth's own shim forked by the zygote is prepared (another shim
+        binary may group differently). A failure is logged: the group's first
+        create then starts the shim as it always did.
+        """
+        key = (namespace, group)
+        if self.settings.runtime_binary or key in self._preparing or key in self._groups:
+            return
+        job = asyncio.create_task(self._prepare(namespace, group), name=f"prepare-shim-{group[:16]}")
+        self._preparing[key] = job
+
+        def done(finished: asyncio.Task[None]) -> None:
+            if self._preparing.get(key) is finished:
+                del self._preparing[key]
+
+        job.add_done_callback(done)
+
+    async def _prepare(self, namespace: str, group: str) -> None:
+        try:
+            async with self._group_lock(namespace, group):
+                found = self._groups.get((namespace, group))
+                if found is not None and not found.gone.is_set():
+                    return
+                place = self._group_dir(namespace, group)
+                await asyncio.to_thread(place.create_group)
+                try:
+                    address = await self._start_shim(namespace, group, place, pb.Any())
+                    shim = await Shim.connect(
+                        namespace=namespace,
+                        address=address,
+                        binary=self.settings.shim_binary,
+                        on_gone=self.shim_gone,
+                    )
+                except Exception:
+                    # (cancelled, it stays: the shim may start still, and recovery finds it through it)
+                    await place.remove()
+                    raise
+                shim.group, shim.prepared = group, True
+                self.register_shim(shim)
+                log.info("shim.prepared", namespace=namespace, group=group, pid=shim.pid, address=address)
+        except BerthError as exc:
+            log.warning("shim.prepare_failed", namespace=namespace, group=group, error=str(exc))
+        except OSError as exc:
+            log.warning("shim.prepare_failed", namespace=namespace, group=group, error=str(exc))
+
+    async def release_idle_shim(self, namespace: str, group: str) -> None:
+        """Shut ``group``'s shim down if it serves no task (a prepare still running is waited for)."""
+        preparing = self._preparing.get((namespace, group))
+        if preparing is not None:
+            await asyncio.wait([preparing])
+        shim = self._groups.get((namespace, group))
+        if shim is not None and not shim.tasks:
+            await self.release_shim(shim)
+
+    async def recover_prepared(self) -> int:
+        """After a restart: group directories whose shim serves no adopted task are cleaned; how many.
+
+        Such a shim (prepared, its pod never started a container before berthd
+        went down) is shut down, a dead one's socket and state removed, and the
+        directory goes. One whose group has adopted tasks is kept as prepared.
+        """
+        places = await asyncio.to_thread(lambda: list(walk(self.settings.state / PREPARED)))
+        cleaned = 0
+        for place in places:
+            address = await asyncio.to_thread(place.read_address)
+            serving = self._groups.get((place.namespace, place.id))
+            if serving is not None and address and serving.address == address:
+                serving.prepared = True
+                continue
+            if address:
+                try:
+                    found = await Shim.connect(
+                        namespace=place.namespace,
+                        address=address,
+                        binary=self.settings.shim_binary,
+                        on_gone=self.shim_gone,
+                    )
+                except BerthError:
+                    await self._forget_dead_prepared(place.namespace, place.id, address)
+                else:
+                    found.group = place.id
+                    await self.release_shim(found)
+            await place.remove()
+            cleaned += 1
+            log.info("recovery.prepared_shim_cleaned", namespace=place.namespace, group=place.id)
+        return cleaned
+
+    async def _forget_dead_prepared(self, namespace: str, group: str, address: str) -> None:
+        """A prepared shim that died: its socket and state directory (nothing else of it exists)."""
+        await asyncio.to_thread(remove_stale_socket, address)
+        layout = Layout(str(self.settings.shim_state), namespace, group, self.settings.address)
+        await asyncio.to_thread(shutil.rmtree, layout.dir, True)
 
     async def shim_gone(self, shim: Shim) -> None:
         """A shim died: its processes are reported exited (137), its containers cleaned by ``delete``."""
         self._forget_shim(shim)
+        if shim.prepared:
+            async with self._group_lock(shim.namespace, shim.group):
+                if not shim.tasks:
+                    await self._forget_dead_prepared(shim.namespace, shim.group, shim.address)
+                await self._group_dir(shim.namespace, shim.group).remove()
         now = datetime.now(UTC)
         for container_id in sorted(shim.tasks):
             task = self._tasks.get((shim.namespace, container_id))
@@ -468,6 +578,7 @@ class TaskManager:
     async def _create(
         self, namespace: str, container_id: str, io: TaskIO, rootfs: Sequence[Mount], options: Opaque | None
     ) -> Task:
+
         container = await self._containers.get(namespace, container_id)
         if not container.runtime.name.startswith(RUNTIME_PREFIX):
             raise FailedPrecondition(
@@ -503,6 +614,7 @@ class TaskManager:
             raise AlreadyExists(
                 f"task {container_id!r} (namespace {namespace!r}): bundle {bundle.path} exists"
             )
+
         await asyncio.to_thread(bundle.create, json.dumps(spec).encode())
         reader = LogReader(bundle.log_fifo, namespace=namespace, shim=container_id)
         reader.open()
@@ -563,6 +675,7 @@ class TaskManager:
     async def start(self, namespace: str, container_id: str, exec_id: str = "") -> int:
         task = self._task(namespace, container_id)
         proc = task.process(exec_id)
+
         started = await task.shim.call("Start", StartRequest(id=container_id, exec_id=exec_id), StartResponse)
         proc.pid = started.pid
         log.info("task.started", namespace=namespace, id=container_id, exec_id=exec_id, pid=started.pid)
@@ -809,6 +922,11 @@ class TaskManager:
         if self._release is not None:
             self._release.cancel()
             await asyncio.gather(self._release, return_exceptions=True)
+        # a shim being prepared now is found by the next start's recovery through its group directory
+        preparing = list(self._preparing.values())
+        for job in preparing:
+            job.cancel()
+        await asyncio.gather(*preparing, return_exceptions=True)
         shims = {id(t.shim): t.shim for t in self._tasks.values()} | {id(s): s for s in self._groups.values()}
         for shim in shims.values():
             shim.expect_exit()

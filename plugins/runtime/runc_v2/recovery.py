@@ -12,7 +12,8 @@ For every bundle under the plugin's state (``<ns>/<id>/``):
   bundle;
 * a bundle without ``config.json`` (a create cut short) is removed.
 
-A reconnected shim left without tasks is shut down.
+A reconnected shim left without tasks is shut down, and so is a shim
+prepared for a group that never got a task (``TaskManager.recover_prepared``).
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ async def recover(manager: TaskManager) -> tuple[int, int]:
     for found in shims.values():
         if found is not None and not found.tasks:
             await manager.release_shim(found)
+    cleaned += await manager.recover_prepared()
     return adopted, cleaned
 
 

@@ -73,6 +73,8 @@ class Shim:
         self.pid = pid
         #: the group it serves (a pod, or the id of its one task): it is reused for that group
         self.group = ""
+        #: started ahead of its group's first task (prepare_shim): it has a group directory
+        self.prepared = False
         self.tasks: set[str] = set()
         self.gone = asyncio.Event()
         self._on_gone = on_gone

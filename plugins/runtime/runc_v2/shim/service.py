@@ -173,16 +173,9 @@ class TaskService:
         self, request: CreateTaskRequest, bundle: Path, config: dict[str, Any], options: Options, runc: Runc
     ) -> CreateTaskResponse:
         cid = request.id
-        await asyncio.to_thread(_write_options, bundle, options)
         rootfs = bundle / "rootfs"
-        if request.rootfs:
-            await asyncio.to_thread(rootfs.mkdir, mode=0o711, exist_ok=True)
-            await mount_rootfs(self._reaper, request.rootfs, rootfs)
-        io: ProcessIO | None = None
+        io = await self._prepare(request, bundle, options)
         try:
-            io = await asyncio.to_thread(
-                ProcessIO.open, request.stdin, request.stdout, request.stderr, request.terminal
-            )
             pid_file = bundle / "init.pid"
             await self._spawn(
                 io,
@@ -193,8 +186,7 @@ class TaskService:
             )
             pid = int((await asyncio.to_thread(pid_file.read_text)).strip())
         except BaseException:
-            if io is not None:
-                await io.close()
+            await io.close()
             if request.rootfs:
                 with contextlib.suppress(Exception):
                     await unmount_rootfs(rootfs)
@@ -235,6 +227,44 @@ class TaskService:
             self._process_exited(container, init, early)
         log.info("shim.create", id=cid, pid=pid, terminal=request.terminal, rootfs=len(request.rootfs))
         return CreateTaskResponse(pid=pid)
+
+    async def _prepare(self, request: CreateTaskRequest, bundle: Path, options: Options) -> ProcessIO:
+        """What runc create needs, independent steps side by side; all or nothing.
+
+        ``options.json`` and the rootfs mount (in that order: ``delete`` needs
+        the options to find runc) run beside opening the stdio (FIFOs, files,
+        CRI log). If one fails, or the call is cancelled, both are let finish
+        and whatever was made is undone.
+        """
+        rootfs = bundle / "rootfs"
+
+        async def mount() -> None:
+            await asyncio.to_thread(_write_options, bundle, options, rootfs if request.rootfs else None)
+            if request.rootfs:
+                await mount_rootfs(self._reaper, request.rootfs, rootfs)
+
+        mounting = asyncio.ensure_future(mount())
+        opening = asyncio.ensure_future(
+            asyncio.to_thread(ProcessIO.open, request.stdin, request.stdout, request.stderr, request.terminal)
+        )
+        cancelled = False
+        try:
+            await asyncio.wait([mounting, opening])
+        except asyncio.CancelledError:
+            cancelled = True  # mount(2) and open(2) cannot be taken back half-way: finish, then undo
+            await asyncio.wait([mounting, opening])
+        failed = mounting.exception() or opening.exception()
+        if not cancelled and failed is None:
+            return opening.result()
+        if opening.exception() is None:
+            await opening.result().close()
+        if request.rootfs and mounting.exception() is None:
+            with contextlib.suppress(Exception):
+                await unmount_rootfs(rootfs)
+        if cancelled:
+            raise asyncio.CancelledError
+        assert failed is not None
+        raise failed
 
     async def start(self, request: StartRequest) -> StartResponse:
         container, process = self._process(request.id, request.exec_id)
@@ -719,11 +749,16 @@ def _options(value: pb.Any, cid: str) -> Options:
     return Options().parse(value.value)
 
 
-def _write_options(bundle: Path, options: Options) -> None:
-    """``<bundle>/options.json`` as containerd's shim writes it, so ``delete`` finds runc later."""
+def _write_options(bundle: Path, options: Options, rootfs: Path | None = None) -> None:
+    """``<bundle>/options.json`` as containerd's shim writes it, so ``delete`` finds runc later.
+
+    ``rootfs`` (the mount point to be) is made too, in the same trip to a thread.
+    """
     data = options.to_dict(casing=betterproto.Casing.SNAKE)
     path = bundle / "options.json"
     path.write_text(json.dumps(data))
+    if rootfs is not None:
+        rootfs.mkdir(mode=0o711, exist_ok=True)
 
 
 def _write_temp(directory: Path, prefix: str, data: bytes) -> str:
