@@ -20,6 +20,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from grpclib.exceptions import GRPCError
 
 from daemon import typeurl
 from daemon.errors import NotFound
@@ -28,7 +29,7 @@ from daemon.streaming.client import RemoteCommand, Transport, connect_command, r
 from plugins.cri.streaming.tokens import TTL_ENV
 from protos.containerd.services.tasks.v1 import GetRequest, ListPidsRequest, TasksStub
 from protos.runtime import v1 as cri
-from tests.integration.conftest import Berthd, ctr, grpc_error, headers, ok
+from tests.integration.conftest import Berthd, ctr, headers, ok
 from tests.integration.test_cri_containers import K8S, Node, cleanup, config, node  # noqa: F401
 from tests.support.oci import busybox_image, oci_archive
 
@@ -133,8 +134,16 @@ async def test_client_gone_mid_exec_kills_the_exec_and_the_shim_forgets_it(
     finally:
         await cmd.close()  # the client leaves; the process would otherwise sleep on
     await _poll(lambda: not _procs_with(marker), "the exec'd process to be killed")
-    err = await grpc_error(_tasks(node).get(GetRequest(container_id=cid, exec_id=exec_id)))
-    assert err.status.name == "NOT_FOUND", err
+    # the server deletes the exec once it has seen its exit: that follows the process's death closely
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            found = await _tasks(node).get(GetRequest(container_id=cid, exec_id=exec_id))
+        except GRPCError as err:
+            assert err.status.name == "NOT_FOUND", err
+            break
+        assert time.monotonic() < deadline, f"exec {exec_id} still known to the shim: {found}"
+        await asyncio.sleep(0.05)
     assert exec_id not in (await _exec_ids(node, cid)).values()
     # the container itself is untouched
     assert (await node.status(cid)).status.state == cri.ContainerState.CONTAINER_RUNNING
