@@ -38,6 +38,7 @@ import contextlib
 import enum
 import itertools
 import re
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -54,6 +55,9 @@ from daemon.metrics import Sample
 from daemon.typeurl import decode_any
 
 log = structlog.get_logger("berth.events")
+
+#: envelopes kept for replaying subscriptions at most (the oldest go first)
+RETAIN_MAX = 1024
 
 _TOPIC_COMPONENT = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -295,6 +299,7 @@ class EventBus:
         self._ids = itertools.count(1)
         self._dropped_by_name: dict[str, int] = {}
         self._closed = False
+        self._retained: deque[tuple[float, Envelope]] = deque(maxlen=RETAIN_MAX)
 
     # -- publishing --------------------------------------------------------
 
@@ -308,11 +313,19 @@ class EventBus:
         _validate_namespace(namespace)
         self._dispatch(Envelope(datetime.now(UTC), namespace, topic, event))
 
-    def forward(self, envelope: Envelope) -> None:
-        """Deliver an envelope as received (its timestamp and namespace kept)."""
+    def forward(self, envelope: Envelope, *, retain: float = 0.0) -> None:
+        """Deliver an envelope as received (its timestamp and namespace kept).
+
+        ``retain`` > 0: also keep it that many seconds for subscriptions made
+        with ``replay=True`` (at most :data:`RETAIN_MAX` envelopes). The runtime
+        retains the exits it finds at start-up: they happened while berthd was
+        down, and a client can only subscribe once berthd is back.
+        """
         validate_topic(envelope.topic)
         _validate_namespace(envelope.namespace)
         self._dispatch(envelope)
+        if retain > 0 and not self._closed:
+            self._retained.append((time.monotonic() + retain, envelope))
 
     def publish_threadsafe(self, topic: str, event: Any, namespace: str) -> None:
         """``publish`` from any thread: validated here, delivered on the bus's loop."""
@@ -363,8 +376,12 @@ class EventBus:
         maxsize: int = 1024,
         overflow: Overflow = Overflow.DROP_OLDEST,
         name: str = "",
+        replay: bool = False,
     ) -> Subscription:
         """A new subscription receiving envelopes published from now on.
+
+        With ``replay``, it first receives the matching retained envelopes
+        (see :meth:`forward`) whose retention has not expired.
 
         * ``filters``: containerd filter strings over ``topic``, ``namespace``
           and ``event.<field>`` (OR across strings; see :mod:`daemon.filters`).
@@ -396,6 +413,11 @@ class EventBus:
         )
         self._subs[ident] = sub
         self._attach()
+        if replay:
+            now = time.monotonic()
+            for until, env in tuple(self._retained):
+                if until > now and sub.wants(env):
+                    sub._offer(env)
         log.debug("events.subscribe", subscriber=sub.name, filters=list(filters), maxsize=maxsize)
         return sub
 

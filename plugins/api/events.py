@@ -60,7 +60,11 @@ class EventsService(EventsBase):
         wanted = list(subscribe_request.filters)
         filters.parse(wanted)  # InvalidArgument before the stream starts
         sub = self.bus.subscribe(
-            filters=wanted, maxsize=SUBSCRIBER_QUEUE, overflow=Overflow.DISCONNECT, name="grpc.subscribe"
+            filters=wanted,
+            maxsize=SUBSCRIBER_QUEUE,
+            overflow=Overflow.DISCONNECT,
+            name="grpc.subscribe",
+            replay=True,  # exits that happened while berthd was down (see EventBus.forward)
         )
         # Ends when the bus closes (daemon stopping); a subscriber that falls
         # SUBSCRIBER_QUEUE events behind gets SlowConsumer: RESOURCE_EXHAUSTED.

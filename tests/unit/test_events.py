@@ -459,3 +459,25 @@ def test_bus_collector() -> None:
     # a closed subscriber's drops stay counted (counters never go down)
     assert samples[("berth_events_dropped_total", (("subscriber", "grpc"),))].value == 1
     assert ("berth_events_queue_depth", (("subscriber", "grpc"),)) not in samples
+
+
+# -- retained envelopes (exits found at start-up) -------------------------------------------
+
+
+def test_retained_envelopes_replay_to_later_replaying_subscriptions(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr("daemon.events.time.monotonic", lambda: now[0])
+    bus = EventBus()
+    early = bus.subscribe(name="early", replay=True)
+    at = datetime.now(UTC)
+    bus.forward(Envelope(at, "default", "/tasks/exit", ev(1)), retain=10.0)
+    bus.forward(Envelope(at, "default", "/tasks/start", ev(2)))  # not retained
+    assert ids(drain(early)) == ["c1", "c2"]  # live, once: replay happens at subscribe time only
+
+    late = bus.subscribe(name="late", replay=True)
+    assert ids(drain(late)) == ["c1"]
+    assert drain(bus.subscribe(name="plain")) == []  # without replay: from now on only
+    assert drain(bus.subscribe(name="other-ns", namespace="k8s.io", replay=True)) == []  # filters apply
+
+    now[0] += 10.5  # retention over
+    assert drain(bus.subscribe(name="too-late", replay=True)) == []

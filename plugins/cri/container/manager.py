@@ -247,7 +247,7 @@ class ContainerManager:
     async def start(self) -> None:
         """Subscribe to task events, then reconcile the loaded containers with the runtime."""
         self._sub = self.bus.subscribe(
-            topic_prefix="/tasks", namespace=NAMESPACE, maxsize=8192, name="cri-containers"
+            topic_prefix="/tasks", namespace=NAMESPACE, maxsize=8192, name="cri-containers", replay=True
         )
         self._watcher = asyncio.create_task(self._watch(self._sub), name="cri-container-exits")
         await self.reconcile()

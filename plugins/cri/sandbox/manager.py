@@ -165,7 +165,9 @@ class SandboxManager:
     async def start(self) -> None:
         """Reconcile what the store loaded, then watch for infra exits."""
         await self.recover()
-        self._sub = self.bus.subscribe(topic_prefix="/tasks/exit", namespace=NAMESPACE, name="cri-sandbox")
+        self._sub = self.bus.subscribe(
+            topic_prefix="/tasks/exit", namespace=NAMESPACE, name="cri-sandbox", replay=True
+        )
         self._watch = asyncio.create_task(self._watch_exits(self._sub), name="cri-sandbox-exits")
 
     async def close(self) -> None:

@@ -14,8 +14,8 @@ Exits reach the manager three ways, and each is published on the bus as
   exited is reported exited with status 137, and the ``delete`` bootstrap
   cleans up the runc container and the rootfs mount;
 * after a berthd restart, :mod:`.recovery` finds a task stopped while berthd
-  was down. Such exits are held until a subscriber is attached to the bus
-  (or ``recovery_event_grace`` passes), so the CRI plugin or a client that
+  was down. Such exits are retained on the bus for ``recovery_event_grace``
+  seconds and replayed to subscriptions made meanwhile, so the CRI plugin or a client that
   subscribes right after start does see them.
 """
 
@@ -27,6 +27,7 @@ import contextlib
 import importlib
 import json
 import shutil
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -216,34 +217,21 @@ class TaskManager:
         self._preparing: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._group_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._published: OrderedDict[tuple[str, str, str, int], None] = OrderedDict()
-        self._holding = False
-        self._held: list[Envelope] = []
-        self._release: asyncio.Task[None] | None = None
+        self._replay_until = 0.0
         self._zygote: Any = None
         self._background: set[asyncio.Task[Any]] = set()
 
     # -- events -------------------------------------------------------------
 
-    def hold_exits(self) -> None:
-        """Keep exits off the bus until :meth:`release_exits_when_watched` (used during recovery)."""
-        self._holding = True
+    def open_replay_window(self) -> None:
+        """From now until ``recovery_event_grace`` has passed, exits are retained on the bus for replay.
 
-    def release_exits_when_watched(self) -> None:
-        """Publish held exits once the bus has a subscriber, or after the grace period."""
-        if not self._held:
-            self._holding = False
-            return
-        self._release = asyncio.create_task(self._release_when_watched(), name="runtime-exit-replay")
-
-    async def _release_when_watched(self) -> None:
-        # The bus has no "subscriber attached" signal: poll its subscriber list, with a deadline.
-        deadline = asyncio.get_running_loop().time() + self.settings.recovery_event_grace
-        while not self._bus.stats() and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
-        held, self._held, self._holding = self._held, [], False
-        log.info("runtime.exits_replayed", count=len(held), subscribers=len(self._bus.stats()))
-        for env in held:
-            self._bus.forward(env)
+        Exits found at start-up (and those shims forward right after it)
+        happened while berthd was down; clients (``ctr events``, the CRI) can
+        only subscribe once berthd is back, so the bus keeps them for
+        subscriptions made with ``replay=True`` (the Events service's, the CRI's).
+        """
+        self._replay_until = time.monotonic() + self.settings.recovery_event_grace
 
     def on_envelope(self, env: Envelope) -> None:
         """An event from a shim (or made by the manager): record exits, dedupe them, put it on the bus."""
@@ -262,8 +250,8 @@ class TaskManager:
                 while len(self._published) > EXIT_MEMORY:
                     self._published.popitem(last=False)
                 self._record_exit(env.namespace, exit_)
-                if self._holding:
-                    self._held.append(env)
+                if time.monotonic() < self._replay_until:
+                    self._bus.forward(env, retain=self.settings.recovery_event_grace)
                     return
         self._bus.forward(env)
 
@@ -919,9 +907,6 @@ class TaskManager:
 
     async def close(self) -> None:
         """Drop connections (shims and their tasks keep running), stop the zygote."""
-        if self._release is not None:
-            self._release.cancel()
-            await asyncio.gather(self._release, return_exceptions=True)
         # a shim being prepared now is found by the next start's recovery through its group directory
         preparing = list(self._preparing.values())
         for job in preparing:

@@ -62,8 +62,8 @@ class RuncV2Config:
     recovery_event_grace: float = field(
         default=10.0,
         metadata=doc(
-            "After a restart, exits that happened while berthd was down are published once an "
-            "event subscriber is attached, or after this many seconds"
+            "After a restart, exits that happened while berthd was down are kept this many seconds "
+            "and replayed to event subscribers that attach meanwhile (ctr events, the CRI)"
         ),
     )
 
@@ -116,7 +116,7 @@ async def init(ic: InitContext) -> TaskManager:
     settings.shim_state.mkdir(mode=0o711, exist_ok=True)
     manager = TaskManager(settings, db.containers, db.snapshotter, ic.bus)
     forward = ForwardServer(manager.on_envelope)
-    manager.hold_exits()
+    manager.open_replay_window()
     await forward.start(settings.ttrpc_address)
 
     async def close() -> None:
@@ -125,7 +125,6 @@ async def init(ic: InitContext) -> TaskManager:
 
     ic.on_close(close)
     adopted, cleaned = await recover(manager)
-    manager.release_exits_when_watched()
     ic.log.info("runtime.recovered", adopted=adopted, cleaned=cleaned)
     ic.exports.update(
         {
