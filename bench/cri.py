@@ -77,6 +77,7 @@ from bench.daemons import (
     wait_ready,
 )
 from bench.report import Figure, Metric, distribution, format_table, rounded
+from daemon.cli import podnet
 from protos.runtime import v1 as cri
 
 IMAGE = "docker.io/library/busybox:latest"
@@ -159,26 +160,7 @@ class Side:
 
 def conflist(side_dir: Path, bridge: str, subnet: str) -> dict[str, Any]:
     """A pod network that reaches only its own pods: no gateway, no masquerade, no default route."""
-    return {
-        "cniVersion": "1.0.0",
-        "name": "bench-pods",
-        "plugins": [
-            {
-                "type": "bridge",
-                "bridge": bridge,
-                "isGateway": False,
-                "isDefaultGateway": False,
-                "ipMasq": False,
-                "hairpinMode": False,
-                "ipam": {
-                    "type": "host-local",
-                    "ranges": [[{"subnet": subnet}]],
-                    "dataDir": str(side_dir / "ipam"),
-                },
-            },
-            {"type": "portmap", "capabilities": {"portMappings": True}},
-        ],
-    }
+    return podnet.conflist("bench-pods", bridge, subnet, side_dir / "ipam", portmap=True)
 
 
 def write_network(side_dir: Path, bridge: str, subnet: str) -> Path:

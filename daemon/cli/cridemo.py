@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from daemon.cli import podnet
+
 BIN = Path(sys.executable).parent
 DEMO_IMAGE = "docker.io/library/busybox:latest"
 SERVED = "hello from the server container, over the pod network"
@@ -99,25 +101,7 @@ class _Shell:
 
 
 def _conflist(workdir: Path, bridge: str, subnet: str) -> dict[str, Any]:
-    return {
-        "cniVersion": "1.0.0",
-        "name": "berth-demo",
-        "plugins": [
-            {
-                "type": "bridge",
-                "bridge": bridge,
-                "isGateway": False,
-                "isDefaultGateway": False,
-                "ipMasq": False,
-                "hairpinMode": False,
-                "ipam": {
-                    "type": "host-local",
-                    "ranges": [[{"subnet": subnet}]],
-                    "dataDir": str(workdir / "cni-ipam"),
-                },
-            }
-        ],
-    }
+    return podnet.conflist("berth-demo", bridge, subnet, workdir / "cni-ipam")
 
 
 def _container(name: str, command: list[str]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from daemon.cli import podnet
 from daemon.errors import AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument
 from plugins.cri import netns
 from plugins.cri.cni.invoke import CniPluginError, run_plugin
@@ -70,19 +71,7 @@ class Lab:
         return CniNetwork(self.conf_dir, self.cache_dir, bin_dirs=[self.fake_bin, CNI_BIN], timeout=20)
 
     def bridge_plugin(self) -> dict[str, Any]:
-        return {
-            "type": "bridge",
-            "bridge": self.bridge,
-            "isGateway": False,
-            "isDefaultGateway": False,
-            "ipMasq": False,
-            "hairpinMode": False,
-            "ipam": {
-                "type": "host-local",
-                "ranges": [[{"subnet": self.subnet}]],
-                "dataDir": str(self.ipam_dir),
-            },
-        }
+        return podnet.bridge_plugin(self.bridge, self.subnet, self.ipam_dir)
 
     def write_conflist(self, *extra: dict[str, Any], file: str = "10-test.conflist") -> Path:
         doc = {"cniVersion": "1.0.0", "name": "berth-test", "plugins": [self.bridge_plugin(), *extra]}

@@ -26,6 +26,7 @@ import pytest
 from grpclib.client import Channel
 from grpclib.const import Status
 
+from daemon.cli import podnet
 from daemon.mount import mount_points_under
 from plugins.cri import netns
 from protos.runtime import v1 as cri
@@ -44,26 +45,7 @@ CGROUP_PARENT = f"/berth-test-{secrets.token_hex(3)}"
 
 
 def conflist(tmp: Path, bridge: str, subnet: str) -> dict[str, Any]:
-    return {
-        "cniVersion": "1.0.0",
-        "name": "berth-pods",
-        "plugins": [
-            {
-                "type": "bridge",
-                "bridge": bridge,
-                "isGateway": False,
-                "isDefaultGateway": False,
-                "ipMasq": False,
-                "hairpinMode": False,
-                "ipam": {
-                    "type": "host-local",
-                    "ranges": [[{"subnet": subnet}]],
-                    "dataDir": str(tmp / "ipam"),
-                },
-            },
-            {"type": "portmap", "capabilities": {"portMappings": True}},
-        ],
-    }
+    return podnet.conflist("berth-pods", bridge, subnet, tmp / "ipam", portmap=True)
 
 
 @dataclass
