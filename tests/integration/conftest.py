@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +125,30 @@ class Berthd:
         """Stop by PID: SIGTERM, then SIGKILL after a grace period."""
         if self.proc is not None:
             stop_by_pid(self.proc, grace=15)
+
+
+#: cgroup parents runc creates for containers' cgroupsPath (/<namespace>/<id>; CRI pods under /k8s.io)
+NAMESPACE_CGROUPS = ("default", "k8s.io")
+
+
+def _namespace_cgroups() -> set[Path]:
+    root = Path("/sys/fs/cgroup")
+    hierarchies = [h for h in root.iterdir() if h.is_dir()] if root.is_dir() else []
+    return {h / name for h in hierarchies for name in NAMESPACE_CGROUPS if (h / name).is_dir()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def namespace_cgroups_removed() -> Iterator[None]:
+    """Empty per-namespace cgroup parents the runs created are removed at the end (runc leaves them).
+
+    Only directories that did not exist before the session, and only when empty
+    (rmdir refuses anything else): a real containerd's or berthd's are never touched.
+    """
+    before = _namespace_cgroups()
+    yield
+    for path in sorted(_namespace_cgroups() - before, key=lambda p: len(p.parts), reverse=True):
+        with suppress(OSError):
+            path.rmdir()
 
 
 @pytest.fixture
