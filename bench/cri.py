@@ -51,10 +51,10 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import betterproto
 from grpclib.client import Channel, UnaryUnaryMethod
@@ -733,6 +733,42 @@ def make_sides(base: Path) -> list[Side]:
     return sides
 
 
+R = TypeVar("R")
+
+
+def run_on_sides(
+    base: Path, session: Callable[[list[Side]], Coroutine[Any, Any, R]]
+) -> tuple[list[Side], R | None, int]:
+    """Start both sides' daemons under ``base``, run ``session`` on them, and always clean up.
+
+    Returns the sides, the session's result (None when it failed) and the exit code
+    to return then; Ctrl-C and SIGTERM end the run with the cleanup done.
+    """
+    sides: list[Side] = []
+    failed = True
+    with terminate_as_interrupt():
+        try:
+            sides = make_sides(base)
+            for s in sides:
+                s.daemon.start()
+            result = asyncio.run(session(sides))
+            failed = False
+            return sides, result, 0
+        except KeyboardInterrupt as exc:
+            print("interrupted; cleaning up", file=sys.stderr)
+            return sides, None, exit_status(exc)
+        except BenchError as exc:
+            print(f"bench failed: {exc}", file=sys.stderr)
+            return sides, None, 1
+        except GRPCError as exc:
+            print(f"bench failed: a call answered {exc.status.name}: {exc.message}", file=sys.stderr)
+            return sides, None, 1
+        finally:
+            stop_all([s.daemon for s in sides], show_logs=failed)
+            host_cleanup(sides)
+            remove_base(base)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.cri", description=__doc__.split("\n\n")[0] if __doc__ else "")
     p.add_argument("--pods", type=int, help="pods started one by one, and again 4 at a time (50)")
@@ -757,29 +793,10 @@ def main(argv: list[str] | None = None) -> int:
     quiet_logs()
     info: dict[str, Any] = {"machine": machine(), **vars(args)}
     base = make_base()
-    sides: list[Side] = []
     started = time.monotonic()
-    failed = True
-    with terminate_as_interrupt():
-        try:
-            sides = make_sides(base)
-            for s in sides:
-                s.daemon.start()
-            extra = asyncio.run(session(sides, base, args))
-            failed = False
-        except KeyboardInterrupt as exc:
-            print("interrupted; cleaning up", file=sys.stderr)
-            return exit_status(exc)
-        except BenchError as exc:
-            print(f"bench failed: {exc}", file=sys.stderr)
-            return 1
-        except GRPCError as exc:
-            print(f"bench failed: a call answered {exc.status.name}: {exc.message}", file=sys.stderr)
-            return 1
-        finally:
-            stop_all([s.daemon for s in sides], show_logs=failed)
-            host_cleanup(sides)
-            remove_base(base)
+    sides, extra, code = run_on_sides(base, lambda sides: session(sides, base, args))
+    if extra is None:
+        return code
 
     b, c = sides
     metrics = metrics_of(b, c, extra["list_sizes"])

@@ -35,8 +35,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from grpclib.exceptions import GRPCError
-
 from bench.cri import (
     CNI_BIN,
     IMAGE,
@@ -46,23 +44,18 @@ from bench.cri import (
     container_config,
     cri_cleanup,
     ctr_import,
-    host_cleanup,
-    make_sides,
     pod_config,
+    run_on_sides,
     turns,
     wait_cri_ready,
     wait_image,
 )
 from bench.daemons import (
     BenchError,
-    exit_status,
     machine,
     make_base,
     quiet_logs,
-    remove_base,
     require_containerd,
-    stop_all,
-    terminate_as_interrupt,
     wait_ready,
 )
 from bench.report import Figure, Metric, distribution, format_table, rounded
@@ -246,29 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     quiet_logs()
     info: dict[str, Any] = {"machine": machine(), **vars(args)}
     base = make_base()
-    sides: list[Side] = []
     started = time.monotonic()
-    failed = True
-    with terminate_as_interrupt():
-        try:
-            sides = make_sides(base)
-            for s in sides:
-                s.daemon.start()
-            targets = asyncio.run(session(sides, base, args))
-            failed = False
-        except KeyboardInterrupt as exc:
-            print("interrupted; cleaning up", file=sys.stderr)
-            return exit_status(exc)
-        except BenchError as exc:
-            print(f"bench failed: {exc}", file=sys.stderr)
-            return 1
-        except GRPCError as exc:
-            print(f"bench failed: a call answered {exc.status.name}: {exc.message}", file=sys.stderr)
-            return 1
-        finally:
-            stop_all([s.daemon for s in sides], show_logs=failed)
-            host_cleanup(sides)
-            remove_base(base)
+    sides, targets, code = run_on_sides(base, lambda sides: session(sides, base, args))
+    if targets is None:
+        return code
     b, c = targets
     metrics = metrics_of(b, c, args.mb)
     info["elapsed_s"] = round(time.monotonic() - started, 1)

@@ -182,6 +182,29 @@ async def test_a_peer_without_flow_control_is_not_throttled(raw: tuple[RawPeer, 
     assert not server.enforcing_flow_control and bytes(got) == payload
 
 
+async def test_no_window_updates_to_a_peer_without_flow_control(raw: tuple[RawPeer, Session]) -> None:
+    # spdystream closes its socket right after the exit status without reading our frames: a
+    # WINDOW_UPDATE left unread there turns its close into a TCP reset that can eat our unread output.
+    peer, server = raw
+    await peer.send(SynStream(1, Headers({"streamtype": "stdin"})))
+    stream = await server.accept()
+    await stream.reply()
+    payload = b"y" * (4 * DEFAULT_WINDOW)
+    half = DEFAULT_WINDOW * 2
+    await peer.send(DataFrame(1, payload[:half]), DataFrame(1, payload[half:], FLAG_FIN))
+    got = bytearray()
+    while chunk := await stream.read():
+        got += chunk
+    assert bytes(got) == payload
+    await peer.send(Ping(1))  # a marker: everything the session sent before its PING reply is read below
+    seen: list[Frame] = []
+    async with asyncio.timeout(5):
+        while not isinstance(frame := await peer.frames.read(), Ping):
+            assert frame is not None
+            seen.append(frame)
+    assert not [f for f in seen if isinstance(f, WindowUpdate)], seen
+
+
 async def test_fin_half_closes_one_direction(sessions: tuple[Session, Session]) -> None:
     client, server = sessions
     mine, theirs = await open_pair(client, server)

@@ -260,7 +260,16 @@ class Session:
             await self._window_event.wait()
 
     async def _consumed(self, stream: Stream, n: int) -> None:
-        """Give consumed bytes back to the peer once half a window has been read."""
+        """Give consumed bytes back to the peer once half a window has been read.
+
+        Not to a peer that never spoke flow control (no SETTINGS, no WINDOW_UPDATE:
+        spdystream, i.e. kubelet's and containerd's servers): it ignores the window
+        anyway, and it closes its socket after the exit status without reading
+        what we sent, so unread WINDOW_UPDATEs in its buffer turn that close into a
+        TCP reset, which can discard output we had not read yet.
+        """
+        if not self._peer_speaks_flow_control:
+            return
         stream._unacked += n
         self._session_unacked += n
         if stream._unacked >= self._receive_window // 2 and not stream.remote_closed:
