@@ -13,16 +13,23 @@ The semantics are containerd's ``WithUser``/``WithUserID``/``WithAdditionalGIDs`
 the image does not list runs with gid 0; supplementary groups are the groups
 listing the user by name, plus the primary gid (CVE-2023-25173).
 
-Blocking: reads files; callers on the event loop use ``asyncio.to_thread``.
+The files need not be read from a mounted rootfs: a :class:`UserFiles`
+holds them in memory (read from a snapshot's layers by
+:mod:`daemon.oci.userfiles`) and is itself a "rootfs" for every function here
+and for every option builder that passes one through (``daemon.oci.spec``,
+the CRI's spec input), answering each lookup as the rootfs it came from would.
+
+Blocking: reads files (a :class:`UserFiles` none); callers on the event loop use ``asyncio.to_thread``.
 """
 
 from __future__ import annotations
 
 import os
+import posixpath
 import stat
 from dataclasses import dataclass, field
 
-from daemon.errors import FailedPrecondition, InvalidArgument, NotFound
+from daemon.errors import BerthError, FailedPrecondition, InvalidArgument, NotFound
 from daemon.pathsafe import open_in_root
 
 #: Largest passwd/group file read; anything bigger is refused, not truncated.
@@ -56,24 +63,83 @@ class GroupEntry:
     members: tuple[str, ...]
 
 
-def read_in_root(root: str, path: str) -> str | None:
-    """The text of the regular file ``path`` inside ``root``, or None when it does not exist."""
+#: The files a lookup reads, as absolute paths in the rootfs.
+USER_FILES = ("/etc/passwd", "/etc/group")
+
+#: What a :class:`UserFiles` holds for one file: its bytes, None when absent, or the error reading it met.
+FileState = bytes | BerthError | None
+
+
+class UserFiles(str):
+    """A rootfs's /etc/passwd and /etc/group held in memory: a rootfs for every lookup that takes one.
+
+    A ``str`` (its value a label saying where the files came from, which
+    messages name as the rootfs) so that every API taking a rootfs path takes
+    it unchanged, with no copy written anywhere. Each file is its bytes, None
+    when the rootfs has none, or the error reading it met, raised when (and
+    only when) a lookup needs that file, as reading the rootfs would. String
+    operations give plain strings: pass the object itself, never ``str(...)``
+    of it.
+    """
+
+    files: dict[str, FileState]
+
+    def __new__(cls, label: str, passwd: FileState, group: FileState) -> UserFiles:
+        self = super().__new__(cls, label)
+        self.files = {"/etc/passwd": passwd, "/etc/group": group}
+        return self
+
+    def __reduce__(self) -> tuple[type[UserFiles], tuple[str, FileState, FileState]]:
+        return UserFiles, (str(self), self.files["/etc/passwd"], self.files["/etc/group"])
+
+    @classmethod
+    def from_root(cls, rootfs: str, label: str = "") -> UserFiles:
+        """Both files of ``rootfs`` (read as :func:`read_in_root` does; errors kept for the lookup)."""
+        if isinstance(rootfs, UserFiles):
+            return rootfs
+        label = label or rootfs
+        states: list[FileState] = []
+        for path in USER_FILES:
+            try:
+                states.append(_read_bytes(rootfs, path, label))
+            except FailedPrecondition as exc:
+                states.append(exc)
+        return cls(label, states[0], states[1])
+
+    def data(self, path: str) -> bytes | None:
+        """The bytes of ``path`` (one of :data:`USER_FILES`), None when absent; the kept error otherwise."""
+        key = posixpath.normpath("/" + path.lstrip("/"))
+        if key not in self.files:
+            raise ValueError(f"{path!r}: a UserFiles holds only {', '.join(USER_FILES)}")
+        state = self.files[key]
+        if isinstance(state, BerthError):
+            raise type(state)(state.message)
+        return state
+
+
+def _read_bytes(root: str, path: str, label: str) -> bytes | None:
     try:
         fd = open_in_root(root, path)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise FailedPrecondition(f"rootfs {root!r}: {path}: {exc.strerror}") from exc
+        raise FailedPrecondition(f"rootfs {label!r}: {path}: {exc.strerror}") from exc
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise FailedPrecondition(f"rootfs {root!r}: {path}: not a regular file")
+            raise FailedPrecondition(f"rootfs {label!r}: {path}: not a regular file")
         if st.st_size > MAX_FILE_BYTES:
-            raise FailedPrecondition(f"rootfs {root!r}: {path}: larger than {MAX_FILE_BYTES} bytes")
-        data = os.read(fd, MAX_FILE_BYTES + 1)
+            raise FailedPrecondition(f"rootfs {label!r}: {path}: larger than {MAX_FILE_BYTES} bytes")
+        return os.read(fd, MAX_FILE_BYTES + 1)
     finally:
         os.close(fd)
-    return data.decode("utf-8", errors="replace")
+
+
+def read_in_root(root: str, path: str) -> str | None:
+    """The text of the regular file ``path`` inside ``root`` (a directory or a :class:`UserFiles`), or
+    None when it does not exist."""
+    data = root.data(path) if isinstance(root, UserFiles) else _read_bytes(root, path, root)
+    return None if data is None else data.decode("utf-8", errors="replace")
 
 
 def _parse_id(text: str) -> int | None:

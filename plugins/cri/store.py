@@ -340,12 +340,28 @@ class CriStore:
         if entry.id in self.sandboxes or entry.id in self.containers:
             # before anything is written: the status file belongs to the existing object
             raise AlreadyExists(f'{kind} "{entry.id}": already exists')
-        await self.save_status(entry)
+        # Status file and record are independent writes (a file in a worker thread, a transaction in
+        # the database's): side by side, then all or nothing. Both are let finish even when the
+        # caller is cancelled, so what was written is known and undone.
+        saving = asyncio.ensure_future(self.save_status(entry))
+        creating = asyncio.ensure_future(self._records.create(NAMESPACE, record))
+        cancelled = False
         try:
-            await self._records.create(NAMESPACE, record)
-        except BaseException:
-            await asyncio.to_thread(shutil.rmtree, self.status_path(kind, entry.id).parent, True)
-            raise
+            await asyncio.wait([saving, creating])
+        except asyncio.CancelledError:
+            cancelled = True
+            await asyncio.wait([saving, creating])
+        failed = creating.exception() or saving.exception()
+        if failed is None and not cancelled:
+            return
+        if creating.exception() is None:
+            with contextlib.suppress(NotFound):
+                await self._records.delete(NAMESPACE, entry.id)
+        await asyncio.to_thread(shutil.rmtree, self.status_path(kind, entry.id).parent, True)
+        if cancelled:
+            raise asyncio.CancelledError
+        assert failed is not None
+        raise failed
 
     async def save_status(self, entry: Sandbox | CriContainer) -> None:
         """Write the entry's status file (atomically; in a thread)."""

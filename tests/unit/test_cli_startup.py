@@ -1,9 +1,7 @@
-"""The ``berth`` CLI's lean start-up: the command table, what a command imports, the unmounted users files.
+"""The ``berth`` CLI's lean start-up: the command table, what a command imports.
 
-The overlay reader (:mod:`daemon.cli.userfiles`) is checked against the
-kernel: layers with whiteouts, opaque directories and shadowed files are
-mounted as an overlay and every answer must match what the mount shows
-(root only, like the mounts it replaces).
+The users files ``berth run`` reads without mounting are tested with their
+reader, in test_oci_userfiles.py.
 """
 
 from __future__ import annotations
@@ -18,10 +16,9 @@ from typing import Any
 
 import pytest
 
-from daemon.cli import berth, userfiles
+from daemon.cli import berth
 from daemon.cli.commands.run import stdin_is_devnull
 from daemon.cli.imagetree import Platform, host_platform, image_defaults
-from protos.containerd.types import Mount
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -174,117 +171,3 @@ async def test_image_defaults_asks_the_daemon_once_at_most() -> None:
     assert c.calls == 1
     empty = _Exports({})
     assert await image_defaults(empty) == (host_platform(), "overlayfs")  # type: ignore[arg-type]
-
-
-# -- users files from the layers ---------------------------------------------------------
-
-
-def test_overlay_layers_from_mount_options() -> None:
-    m = Mount(
-        type="overlay",
-        source="overlay",
-        options=["index=off", "workdir=/s/9/work", "upperdir=/s/9/fs", "lowerdir=/s/2/fs:/s/1/fs"],
-    )
-    assert userfiles.overlay_layers([m]) == (["/s/9/fs", "/s/2/fs", "/s/1/fs"], "trusted.overlay.")
-    m.options.append("userxattr")
-    assert userfiles.overlay_layers([m])[1] == "user.overlay."
-    for odd in (["metacopy=on"], ["redirect_dir=on"]):
-        with pytest.raises(userfiles.NeedsMount):
-            userfiles.overlay_layers([Mount(type="overlay", options=["lowerdir=/a:/b", *odd])])
-    with pytest.raises(userfiles.NeedsMount):
-        userfiles.overlay_layers([Mount(type="bind", source="/x", options=["rbind"])])
-
-
-def test_symlinks_and_odd_files_are_left_to_a_mount(tmp_path: Path) -> None:
-    top, low = tmp_path / "top", tmp_path / "low"
-    (low / "usr" / "etc").mkdir(parents=True)
-    (low / "usr" / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
-    top.mkdir()
-    (top / "etc").symlink_to("usr/etc")
-    with pytest.raises(userfiles.NeedsMount):
-        userfiles.find_in_layers([str(top), str(low)], "etc/passwd")
-    (low / "etc").mkdir()
-    (low / "etc" / "group").mkdir()
-    with pytest.raises(userfiles.NeedsMount):
-        userfiles.find_in_layers([str(low)], "etc/group")
-    assert userfiles.find_in_layers([str(low)], "etc/passwd") is None
-    with pytest.raises(ValueError, match="plain names"):
-        userfiles.find_in_layers([str(low)], "../etc/passwd")
-
-
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="whiteouts, trusted xattrs and mounts need root")
-
-
-def _whiteout(path: Path) -> None:
-    os.mknod(path, 0o600 | 0o020000, os.makedev(0, 0))
-
-
-def _layers(base: Path) -> list[Path]:
-    """Four layers, top first, covering what the reader resolves itself."""
-    l1, l2, l3, l4 = (base / f"l{i}" for i in range(1, 5))
-    for d in (l1, l2, l3, l4):
-        d.mkdir(parents=True)
-    # l4 (bottom): both files
-    (l4 / "etc").mkdir()
-    (l4 / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\nold:x:5:5::/:/bin/sh\n")
-    (l4 / "etc" / "group").write_text("root:x:0:\nold:x:5:\n")
-    (l4 / "etc" / "shadowed").write_text("bottom\n")
-    # l3: passwd replaced
-    (l3 / "etc").mkdir()
-    (l3 / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\napp:x:1000:1000::/home:/bin/sh\n")
-    # l2: group whited out, an opaque dir that hides l3/l4's etc/sub
-    (l2 / "etc").mkdir()
-    _whiteout(l2 / "etc" / "group")
-    (l4 / "etc" / "sub").mkdir()
-    (l4 / "etc" / "sub" / "f").write_text("hidden\n")
-    (l2 / "etc" / "sub").mkdir()
-    os.setxattr(l2 / "etc" / "sub", "trusted.overlay.opaque", b"y")
-    (l2 / "etc" / "sub" / "g").write_text("visible\n")
-    # l1 (top): a new group file over the whiteout
-    (l1 / "etc").mkdir()
-    (l1 / "etc" / "group").write_text("root:x:0:\napp:x:1000:\n")
-    return [l1, l2, l3, l4]
-
-
-@needs_root
-async def test_layer_lookup_matches_the_kernels_overlay(tmp_path: Path) -> None:
-    from daemon.mount import mounted
-    from daemon.protocols import Mount as HostMount
-
-    layers = _layers(tmp_path)
-    dirs = [str(d) for d in layers]
-    paths = ["etc/passwd", "etc/group", "etc/shadowed", "etc/sub/f", "etc/sub/g", "etc/none", "none/x"]
-    ours = {}
-    for rel in paths:
-        found = userfiles.find_in_layers(dirs, rel)
-        ours[rel] = None if found is None else Path(found).read_text()
-    overlay = HostMount("overlay", "overlay", "", (f"lowerdir={':'.join(dirs)}", "ro"))
-    async with mounted([overlay]) as root:
-        kernel = {
-            rel: (Path(root) / rel).read_text() if (Path(root) / rel).exists() else None for rel in paths
-        }
-    assert ours == kernel
-    assert ours["etc/group"] == "root:x:0:\napp:x:1000:\n" and ours["etc/sub/f"] is None
-
-
-@needs_root
-def test_copy_user_files_writes_what_the_merged_view_shows(tmp_path: Path) -> None:
-    layers = _layers(tmp_path / "layers")
-    # the top layer's group goes: the whiteout below hides the bottom one, so there is none
-    (layers[0] / "etc" / "group").unlink()
-    target = tmp_path / "users"
-    target.mkdir()
-    upper = tmp_path / "upper"
-    upper.mkdir()
-    mount = Mount(
-        type="overlay",
-        source="overlay",
-        options=[
-            f"upperdir={upper}",
-            f"workdir={tmp_path / 'work'}",
-            f"lowerdir={':'.join(map(str, layers))}",
-        ],
-    )
-    userfiles.copy_user_files([mount], str(target))
-    assert (target / "etc" / "passwd").read_text().endswith("app:x:1000:1000::/home:/bin/sh\n")
-    assert not (target / "etc" / "group").exists()

@@ -12,10 +12,9 @@ the wire only:
 3. the OCI spec, built here with :mod:`daemon.oci.spec` from the image
    config and the options. User names and supplementary groups come from
    the image's /etc/passwd and /etc/group, read from the snapshot's layer
-   directories (:mod:`daemon.cli.userfiles`), or, when the layers hold
-   anything that reader leaves to the kernel, from the snapshot mounted
-   read-only in a temporary directory (a snapshot that is a plain
-   directory, such as the native snapshotter's, is read in place);
+   directories or bind source (:mod:`daemon.oci.userfiles`), or, when the
+   layers hold anything that reader leaves to the kernel, from the snapshot
+   mounted read-only in a temporary directory;
 4. the container record (``Containers.Create``), which from then on keeps
    the snapshot; the lease is dropped while the task is made;
 5. the task: FIFOs (:mod:`daemon.cli.taskio`; none for stdin when ours is
@@ -40,23 +39,22 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import stat
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from daemon.cli import taskio, userfiles
+from daemon.cli import taskio
 from daemon.cli.client import Client
 from daemon.cli.commands import CliError, Handler
 from daemon.cli.imagetree import Platform, image_defaults, read_tree
 from daemon.cli.taskclient import DEFAULT_RUNTIME, TaskClient, spec_any
 from daemon.oci import spec as ocispec
+from daemon.oci import userfiles
 from protos.containerd.services.containers.v1 import Container, ContainerRuntime
 from protos.containerd.services.tasks.v1 import CreateTaskRequest
 
@@ -191,27 +189,23 @@ def readonly_mounts(mounts: Sequence[Mount]) -> list[HostMount] | str:
 
 @contextlib.asynccontextmanager
 async def users_root(mounts: Sequence[Mount]) -> AsyncIterator[str]:
-    """A directory where the snapshot's /etc/passwd and /etc/group read as in the snapshot, for the body.
+    """A rootfs for the spec's user lookups, for the body: the snapshot's /etc/passwd and /etc/group.
 
-    A plain directory snapshot is read in place; an overlay's two files are
-    copied from its layers (:mod:`daemon.cli.userfiles`); otherwise the
-    snapshot is mounted read-only (see :func:`readonly_mounts`).
+    Read from its layers or bind source (:mod:`daemon.oci.userfiles`, a
+    :class:`~daemon.oci.users.UserFiles`), or, when that reader leaves them to
+    the kernel, the snapshot mounted read-only (see :func:`readonly_mounts`).
     """
+    try:
+        files = userfiles.read_user_files(mounts)
+    except userfiles.NeedsMount:
+        pass
+    else:
+        yield files
+        return
     plan = readonly_mounts(mounts)
     if isinstance(plan, str):
         yield plan
         return
-    copied = tempfile.mkdtemp(prefix="berth-users-")
-    try:
-        try:
-            userfiles.copy_user_files(mounts, copied)
-        except userfiles.NeedsMount:
-            pass
-        else:
-            yield copied
-            return
-    finally:
-        shutil.rmtree(copied, ignore_errors=True)
     from daemon.cli.logs import quiet_logs
 
     quiet_logs()  # daemon.mount logs through structlog

@@ -121,6 +121,11 @@ class Bundle:
     def write_binary(self, binary: str) -> None:
         _write_atomic(self.path / SHIM_BINARY, binary)
 
+    def write_shim(self, address: str, binary: str) -> None:
+        """``address`` and ``shim-binary-path`` (one job for a worker thread)."""
+        self.write_address(address)
+        self.write_binary(binary)
+
     async def remove(self) -> None:
         """Unmount whatever is still mounted under the bundle, then delete it. Idempotent."""
         points = await asyncio.to_thread(mount_points_under, self.path)

@@ -219,6 +219,7 @@ class TaskManager:
         self._published: OrderedDict[tuple[str, str, str, int], None] = OrderedDict()
         self._replay_until = 0.0
         self._zygote: Any = None
+        self._default_options: bytes | None = None
         self._background: set[asyncio.Task[Any]] = set()
 
     # -- events -------------------------------------------------------------
@@ -347,8 +348,7 @@ class TaskManager:
                 self.register_shim(shim)
                 log.info("shim.started", namespace=namespace, group=group, pid=shim.pid, address=address)
             shim.tasks.add(container_id)
-            await asyncio.to_thread(bundle.write_address, shim.address)
-            await asyncio.to_thread(bundle.write_binary, shim.binary)
+            await asyncio.to_thread(bundle.write_shim, shim.address, shim.binary)
             return shim
 
     async def release_shim(self, shim: Shim) -> None:
@@ -518,7 +518,14 @@ class TaskManager:
     # -- create -------------------------------------------------------------
 
     def _options(self, *candidates: Opaque | TypedValue | None) -> pb.Any:
-        """runc options: the container's, then the request's, with berth's runc root always."""
+        """runc options: the container's, then the request's, with berth's runc root always.
+
+        Without any (every CRI container) the answer is always the same: encoded once.
+        """
+        if all(c is None for c in candidates):
+            if self._default_options is None:
+                self._default_options = self._encode_options(Options())
+            return pb.Any(type_url=OPTIONS_TYPE, value=self._default_options)
         opts = Options()
         for candidate in candidates:
             if candidate is not None and candidate.type_url.rsplit("/", 1)[-1] == OPTIONS_TYPE:
@@ -526,11 +533,14 @@ class TaskManager:
                     opts = Options().parse(candidate.value)
                 except Exception as exc:  # betterproto raises assorted types
                     raise InvalidArgument(f"options: not a {OPTIONS_TYPE}: {exc}") from exc
+        return pb.Any(type_url=OPTIONS_TYPE, value=self._encode_options(opts))
+
+    def _encode_options(self, opts: Options) -> bytes:
         opts.root = str(self.settings.runc_root)
         if not opts.binary_name:
             opts.binary_name = self.settings.runc_binary
         opts.systemd_cgroup = opts.systemd_cgroup or self.settings.systemd_cgroup
-        return pb.Any(type_url=OPTIONS_TYPE, value=bytes(opts))
+        return bytes(opts)
 
     async def create(
         self,
@@ -566,7 +576,6 @@ class TaskManager:
     async def _create(
         self, namespace: str, container_id: str, io: TaskIO, rootfs: Sequence[Mount], options: Opaque | None
     ) -> Task:
-
         container = await self._containers.get(namespace, container_id)
         if not container.runtime.name.startswith(RUNTIME_PREFIX):
             raise FailedPrecondition(
@@ -591,19 +600,21 @@ class TaskManager:
                     f"container {container_id!r}: snapshot {container.snapshot_key!r} "
                     f"(snapshotter {container.snapshotter!r}): {exc}"
                 ) from None
-        if mounts:
-            root = spec.get("root")
+        spec_bytes = bytes(container.spec.value)
+        root = spec.get("root")
+        if mounts and not (isinstance(root, dict) and root.get("path") == "rootfs"):
             spec["root"] = {**(root if isinstance(root, dict) else {}), "path": "rootfs"}
+            spec_bytes = json.dumps(spec).encode()  # (re-encoded only when it changes: ~1 ms for a big spec)
         annotations = spec.get("annotations") or {}
         group = next((str(annotations[a]) for a in GROUP_ANNOTATIONS if annotations.get(a)), container_id)
         runc_options = self._options(container.runtime.options, options)
         bundle = Bundle(self.settings.state, namespace, container_id)
-        if await asyncio.to_thread(bundle.exists):
+        try:
+            await asyncio.to_thread(bundle.create, spec_bytes)  # AlreadyExists before writing anything
+        except AlreadyExists:
             raise AlreadyExists(
                 f"task {container_id!r} (namespace {namespace!r}): bundle {bundle.path} exists"
-            )
-
-        await asyncio.to_thread(bundle.create, json.dumps(spec).encode())
+            ) from None
         reader = LogReader(bundle.log_fifo, namespace=namespace, shim=container_id)
         reader.open()
         shim: Shim | None = None

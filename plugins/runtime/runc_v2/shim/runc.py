@@ -65,7 +65,7 @@ class Runc:
         ]
 
     async def _run(self, what: str, args: list[str], stdio: Stdio | None = None) -> str:
-        offset = await asyncio.to_thread(_size, self.log)
+        offset = _size(self.log)  # one stat(2): not worth a trip to a thread before every runc call
         if stdio is None:
             status, output = await self._reaper.run(self.argv(*args))
         else:

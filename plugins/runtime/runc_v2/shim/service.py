@@ -154,7 +154,6 @@ class TaskService:
         if request.checkpoint:
             raise Unimplemented(f"task {cid!r}: restore from checkpoint is not supported")
         bundle = Path(request.bundle)
-        config = await asyncio.to_thread(_read_config, bundle, cid)
         options = _options(request.options, cid)
         runc = Runc(
             self._reaper,
@@ -165,16 +164,16 @@ class TaskService:
         )
         self._creating.add(cid)
         try:
-            return await self._create(request, bundle, config, options, runc)
+            return await self._create(request, bundle, options, runc)
         finally:
             self._creating.discard(cid)
 
     async def _create(
-        self, request: CreateTaskRequest, bundle: Path, config: dict[str, Any], options: Options, runc: Runc
+        self, request: CreateTaskRequest, bundle: Path, options: Options, runc: Runc
     ) -> CreateTaskResponse:
         cid = request.id
         rootfs = bundle / "rootfs"
-        io = await self._prepare(request, bundle, options)
+        io, config = await self._prepare(request, bundle, options)
         try:
             pid_file = bundle / "init.pid"
             await self._spawn(
@@ -184,7 +183,7 @@ class TaskService:
                 ),
                 f"task {cid!r}",
             )
-            pid = int((await asyncio.to_thread(pid_file.read_text)).strip())
+            pid, cgroup = await asyncio.to_thread(_created, pid_file)
         except BaseException:
             await io.close()
             if request.rootfs:
@@ -201,10 +200,10 @@ class TaskService:
             host_pid_namespace=not _has_pid_namespace(config),
         )
         self._containers[cid] = container
-        try:
-            container.cgroup = await asyncio.to_thread(cgroups.find, pid)
-        except OSError as exc:  # the init is gone already: its exit is on its way
-            log.warning("shim.cgroup_unknown", id=cid, pid=pid, error=str(exc))
+        if isinstance(cgroup, OSError):  # the init is gone already: its exit is on its way
+            log.warning("shim.cgroup_unknown", id=cid, pid=pid, error=str(cgroup))
+        else:
+            container.cgroup = cgroup
         self._watch_oom(container)
         self._publish(
             "/tasks/create",
@@ -228,8 +227,11 @@ class TaskService:
         log.info("shim.create", id=cid, pid=pid, terminal=request.terminal, rootfs=len(request.rootfs))
         return CreateTaskResponse(pid=pid)
 
-    async def _prepare(self, request: CreateTaskRequest, bundle: Path, options: Options) -> ProcessIO:
-        """What runc create needs, independent steps side by side; all or nothing.
+    async def _prepare(
+        self, request: CreateTaskRequest, bundle: Path, options: Options
+    ) -> tuple[ProcessIO, dict[str, Any]]:
+        """What runc create needs, independent steps side by side; all or nothing. The stdio and
+        the bundle's config.json (read first: a bad one stops the rest of its step).
 
         ``options.json`` and the rootfs mount (in that order: ``delete`` needs
         the options to find runc) run beside opening the stdio (FIFOs, files,
@@ -237,9 +239,13 @@ class TaskService:
         and whatever was made is undone.
         """
         rootfs = bundle / "rootfs"
+        config: dict[str, Any] = {}
 
         async def mount() -> None:
-            await asyncio.to_thread(_write_options, bundle, options, rootfs if request.rootfs else None)
+            nonlocal config
+            config = await asyncio.to_thread(
+                _config_and_options, bundle, request.id, options, rootfs if request.rootfs else None
+            )
             if request.rootfs:
                 await mount_rootfs(self._reaper, request.rootfs, rootfs)
 
@@ -255,7 +261,7 @@ class TaskService:
             await asyncio.wait([mounting, opening])
         failed = mounting.exception() or opening.exception()
         if not cancelled and failed is None:
-            return opening.result()
+            return opening.result(), config
         if opening.exception() is None:
             await opening.result().close()
         if request.rootfs and mounting.exception() is None:
@@ -733,6 +739,22 @@ def _read_config(bundle: Path, cid: str) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise InvalidArgument(f"task {cid!r}: bundle {str(bundle)!r}: config.json is not an object")
     return config
+
+
+def _config_and_options(bundle: Path, cid: str, options: Options, rootfs: Path | None) -> dict[str, Any]:
+    """The bundle's config.json, then options.json (and ``rootfs``) written: one worker-thread job."""
+    config = _read_config(bundle, cid)
+    _write_options(bundle, options, rootfs)
+    return config
+
+
+def _created(pid_file: Path) -> tuple[int, cgroups.Cgroup | OSError]:
+    """The init's pid (from runc's pid file) and its cgroup (or why it is unknown: the init is gone)."""
+    pid = int(pid_file.read_text().strip())
+    try:
+        return pid, cgroups.find(pid)
+    except OSError as exc:
+        return pid, exc
 
 
 def _has_pid_namespace(config: dict[str, Any]) -> bool:
