@@ -45,6 +45,9 @@ from protos.containerd.services.containers.v1 import (
     ContainersStub,
     CreateContainerRequest,
 )
+from protos.containerd.services.leases.v1 import CreateRequest as LeaseCreateRequest
+from protos.containerd.services.leases.v1 import DeleteRequest as LeaseDeleteRequest
+from protos.containerd.services.leases.v1 import LeasesStub
 from protos.containerd.services.snapshots.v1 import (
     ListSnapshotsRequest,
     PrepareSnapshotRequest,
@@ -186,8 +189,20 @@ class Rig:
         return cid
 
     async def container(self, cid: str, args: Sequence[str], *opts: ocispec.SpecOpt) -> None:
-        """A container record running ``args`` on a fresh snapshot of the image."""
-        snapshots = SnapshotsStub(self.channel, timeout=30, metadata=headers(self.ns))
+        """A container record running ``args`` on a fresh snapshot of the image.
+
+        The snapshot is prepared under a lease until the record names it (as ``ctr`` does):
+        otherwise a garbage collection in between may take it.
+        """
+        leases = LeasesStub(self.channel, timeout=30, metadata=headers(self.ns))
+        lease = (await leases.create(LeaseCreateRequest(id=f"create-{cid}"))).lease.id
+        try:
+            await self._container(cid, args, lease, *opts)
+        finally:
+            await leases.delete(LeaseDeleteRequest(id=lease))
+
+    async def _container(self, cid: str, args: Sequence[str], lease: str, *opts: ocispec.SpecOpt) -> None:
+        snapshots = SnapshotsStub(self.channel, timeout=30, metadata=headers(self.ns, lease))
         await snapshots.prepare(PrepareSnapshotRequest(snapshotter="overlayfs", key=cid, parent=self.parent))
         config = ocispec.generate(
             cid,

@@ -34,7 +34,9 @@ class Lease(betterproto.Message):
 @dataclass(eq=False, repr=False)
 class CreateRequest(betterproto.Message):
     id: str = betterproto.string_field(1)
-    """Lease id; the server picks a random one when empty."""
+    """
+    Lease id, required (clients make one up, e.g. containerd's "<nanos>-<random>").
+    """
 
     labels: Dict[str, str] = betterproto.map_field(
         3, betterproto.TYPE_STRING, betterproto.TYPE_STRING
