@@ -270,10 +270,19 @@ class Rig:
         """Remove every trace (processes first); what berthd itself had left behind."""
         assert RUNC is not None
         left: list[str] = []
+        # sockets of shims still recorded in bundles: containerd's shim keeps its own in /run/containerd/s
+        sockets = [
+            Path(a.read_text().strip().removeprefix("unix://"))
+            for a in (self.plugin_state / self.ns).glob("*/address")
+            if a.is_file()
+        ]
         for pid in self.shim_pids():
             left.append(f"shim {pid}")
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        for sock in sockets:
+            if sock.is_socket():
+                sock.unlink(missing_ok=True)
         left += [f"runc container {cid}" for cid in self.runc_containers()]
         for root in self.runc_roots():
             for cid in self.ids:
