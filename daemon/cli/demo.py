@@ -16,6 +16,7 @@ is built from the host's ``/bin/busybox`` by the test suite's image builder
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shlex
 import shutil
@@ -63,7 +64,17 @@ def _wait_ready(proc: subprocess.Popen[bytes], address: str, deadline: float) ->
     raise SystemExit("berthd did not become ready within 30 s")
 
 
+def _namespace_cgroups() -> set[Path]:
+    """The per-namespace cgroup parents runc makes for cgroupsPath ``/<namespace>/<id>``."""
+    root = Path("/sys/fs/cgroup")
+    found = set()
+    for hierarchy in root.iterdir() if root.is_dir() else ():
+        found |= {hierarchy / ns for ns in ("default", "k8s.io") if (hierarchy / ns).is_dir()}
+    return found
+
+
 def main() -> int:
+    cgroups_before = _namespace_cgroups()
     tmp = Path(tempfile.mkdtemp(prefix="berth-demo-"))
     address = str(tmp / "state" / "berth.sock")
     log = open(tmp / "berthd.log", "wb")  # noqa: SIM115 - closed in finally
@@ -129,6 +140,9 @@ def main() -> int:
         print(f"\nberthd stopped (exit {proc.returncode}); last 25 of {len(lines)} log lines:", flush=True)
         sys.stdout.writelines(lines[-25:])
         shutil.rmtree(tmp, ignore_errors=True)
+        for parent in _namespace_cgroups() - cgroups_before:  # the demo's own, once empty
+            with contextlib.suppress(OSError):
+                parent.rmdir()
 
 
 if __name__ == "__main__":
