@@ -11,7 +11,8 @@ import pytest
 from daemon.errors import InvalidArgument, NotFound, Unimplemented
 from daemon.oci.spec import DEFAULT_MASKED_PATHS, current_oom_score_adj
 from plugins.cri.container import specgen
-from plugins.cri.container.manager import image_stop_signal, resolve_log_path, signal_number
+from plugins.cri.container.create import resolve_log_path
+from plugins.cri.container.signals import image_stop_signal, signal_number
 from protos.runtime import v1 as cri
 
 PASSWD = "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n"

@@ -15,7 +15,8 @@ import pytest
 
 from daemon.errors import FailedPrecondition, InvalidArgument, NotFound, Unimplemented
 from daemon.protocols import TaskIO
-from plugins.runtime.runc_v2.manager import Settings, TaskManager, writes_crilog
+from plugins.runtime.runc_v2.manager import TaskManager, writes_crilog
+from plugins.runtime.runc_v2.settings import Settings
 from plugins.runtime.runc_v2.shim.crilog import (
     DEFAULT_MAX_LINE,
     Clock,

@@ -321,7 +321,7 @@ async def test_user_files_of_an_active_snapshot_match_the_mounted_view(tmp_path:
 
 @needs_root
 async def test_the_cri_mounts_only_when_the_reader_says_so(tmp_path: Path) -> None:
-    from plugins.cri.container.manager import image_user_files
+    from plugins.cri.container.create import image_user_files
 
     root = _rootfs(tmp_path)
     scratch = tmp_path / "scratch"

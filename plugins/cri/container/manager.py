@@ -5,14 +5,14 @@ The life of a container, as containerd 1.7's CRI runs it:
 * CreateContainer: the name is reserved, the image resolved in ``k8s.io``, a
   snapshot prepared on its chain id (key = container id), the OCI spec made
   (:mod:`.specgen`) and everything persisted as a container record
-  (:meth:`CriStore.add_container`). State CREATED; no task yet.
+  (:meth:`CriStore.add_container`). State CREATED; no task yet. (:mod:`.create`)
 * StartContainer: the task is created and started, its stdout/stderr going
   to ``crilog://<log path>``, which berth's shim writes in the CRI log format
   itself. RUNNING with pid and started_at. A failure is recorded (EXITED,
   reason ``StartError``) and returned.
 * Exits come from the bus (``/tasks/exit`` of ``k8s.io``): EXITED with the
   exit code, reason ``Completed``/``Error``/``OOMKilled`` (``/tasks/oom``
-  seen before), the task deleted, a CONTAINER_STOPPED event.
+  seen before), the task deleted, a CONTAINER_STOPPED event. (:mod:`.exits`)
 * StopContainer signals and waits (SIGKILL after the grace period);
   RemoveContainer force-stops, then deletes task, snapshot, record and name.
   Both are idempotent for unknown ids, as kubelet needs.
@@ -20,7 +20,11 @@ The life of a container, as containerd 1.7's CRI runs it:
 After a restart, :meth:`ContainerManager.start` reconciles the loaded store
 with the runtime: a task still running stays RUNNING, one that exited
 meanwhile becomes EXITED with its real exit code (the runtime replays the
-exit, and its State answers it too).
+exit, and its State answers it too). (:mod:`.reconcile`)
+
+The wire views are in :mod:`.views`, ExecSync in :mod:`.execsync`, the
+stop signal in :mod:`.signals`; this module holds the manager that ties them
+to the store, the runtime and the bus.
 """
 
 from __future__ import annotations
@@ -29,18 +33,13 @@ import asyncio
 import builtins
 import contextlib
 import copy
-import errno
 import json
 import os
-import posixpath
 import secrets
 import shutil
 import signal
-import socket
-import subprocess
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,6 @@ import betterproto
 import structlog
 
 from daemon.errors import (
-    AlreadyExists,
     BerthError,
     DeadlineExceeded,
     FailedPrecondition,
@@ -56,143 +54,38 @@ from daemon.errors import (
     NotFound,
     Unimplemented,
 )
-from daemon.events import Envelope, EventBus, Subscription
-from daemon.metadata.containers import Container as Record
+from daemon.events import EventBus
 from daemon.metadata.containers import ContainerStore, TypedValue
 from daemon.metadata.leases import LeaseStore
 from daemon.metadata.snapshots import NamespacedSnapshotter
-from daemon.mount import mounted
-from daemon.oci import userfiles, users
-from daemon.protocols import ExitStatus, Mount, Opaque, TaskIO, TaskManager, TaskStatus
-from daemon.typeurl import decode_any
+from daemon.protocols import ExitStatus, Opaque, TaskIO, TaskManager
 from plugins.cri import events
-from plugins.cri.container import imagevolume, specgen
+from plugins.cri.container import execsync, imagevolume, specgen, views
+from plugins.cri.container.create import Creator, resolve_log_path
+from plugins.cri.container.exits import ExitWatcher
+from plugins.cri.container.model import (
+    CREATED,
+    EXITED,
+    KILL_WAIT,
+    NAMESPACE,
+    REASON_START_ERROR,
+    RESOURCES_TYPE,
+    RUNNING,
+    SPEC_TYPE,
+    START_ERROR_CODE,
+    UNKNOWN,
+    UNKNOWN_EXIT_CODE,
+    Parsed,
+)
+from plugins.cri.container.reconcile import reconcile
+from plugins.cri.container.signals import image_stop_signal, signal_number
 from plugins.cri.container.stats import CpuRates, Sample, decode
 from plugins.cri.images import CriImage, CriImages
-from plugins.cri.store import (
-    ContainerMeta,
-    ContainerStatus,
-    CriContainer,
-    CriStore,
-    Entry,
-    Sandbox,
-    container_name,
-    now_ns,
-)
+from plugins.cri.store import CriContainer, CriStore, Sandbox, container_name, now_ns
 from plugins.cri.wirecache import EncodedEntries
-from protos.containerd.events import TaskExit, TaskOom
 from protos.runtime import v1 as cri
 
 log = structlog.get_logger("berth.cri.containers")
-
-NAMESPACE = "k8s.io"
-CREATED, RUNNING, EXITED, UNKNOWN = "created", "running", "exited", "unknown"
-SPEC_TYPE = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
-PROCESS_TYPE = "types.containerd.io/opencontainers/runtime-spec/1/Process"
-RESOURCES_TYPE = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
-#: ExecSync output kept per stream; the rest is dropped (kubelet's limit too)
-EXEC_OUTPUT_CAP = 16 << 20
-#: exit code and reasons as containerd reports them
-START_ERROR_CODE = 128
-UNKNOWN_EXIT_CODE = 255
-REASON_COMPLETED, REASON_ERROR, REASON_OOM = "Completed", "Error", "OOMKilled"
-REASON_START_ERROR, REASON_UNKNOWN = "StartError", "Unknown"
-KILL_WAIT = 30.0
-
-STATE_PB = {
-    CREATED: cri.ContainerState.CONTAINER_CREATED,
-    RUNNING: cri.ContainerState.CONTAINER_RUNNING,
-    EXITED: cri.ContainerState.CONTAINER_EXITED,
-    UNKNOWN: cri.ContainerState.CONTAINER_UNKNOWN,
-}
-
-
-@dataclass
-class Parsed:
-    """Decoded once per container: its CRI config and OCI spec (both fixed at create)."""
-
-    config: cri.ContainerConfig
-    spec: dict[str, Any]
-
-
-def signal_number(sig: cri.Signal) -> int:
-    """CRI's Signal enum (names, not numbers) as this host's number; 0 for RUNTIME_DEFAULT."""
-    if sig == cri.Signal.RUNTIME_DEFAULT:
-        return 0
-    name = cri.Signal(sig).name or ""
-    if name.startswith("SIGRTMINPLUS"):
-        return int(signal.SIGRTMIN) + int(name.removeprefix("SIGRTMINPLUS"))
-    if name.startswith("SIGRTMAXMINUS"):
-        return int(signal.SIGRTMAX) - int(name.removeprefix("SIGRTMAXMINUS"))
-    aliases = {"SIGCLD": "SIGCHLD", "SIGPOLL": "SIGIO", "SIGIOT": "SIGABRT", "SIGRTMIN": "SIGRTMIN"}
-    found = getattr(signal, aliases.get(name, name), None)
-    if found is None:
-        raise InvalidArgument(f"stop_signal {name}: not a signal of this host")
-    return int(found)
-
-
-def image_stop_signal(config: dict[str, Any] | Any) -> int:
-    section = config.get("config") if isinstance(config, dict) else None
-    name = str((section or {}).get("StopSignal") or "")
-    if not name:
-        return 0
-    if name.isdigit():
-        return int(name)
-    found = getattr(signal, name if name.startswith("SIG") else "SIG" + name, None)
-    return int(found) if found is not None else 0
-
-
-def resolve_log_path(log_directory: str, log_path: str) -> str:
-    """The absolute log file: the pod's directory + the container's relative path ("" if either is empty)."""
-    if not log_path or not log_directory:
-        return ""
-    if log_path.startswith("/"):
-        raise InvalidArgument(f"config.log_path {log_path!r}: must be relative to the pod's log_directory")
-    base = posixpath.normpath(log_directory)
-    full = posixpath.normpath(posixpath.join(base, log_path))
-    if not full.startswith(base.rstrip("/") + "/"):
-        raise InvalidArgument(f"config.log_path {log_path!r}: escapes the pod's log_directory {base!r}")
-    return full
-
-
-async def image_user_files(mounts: list[Mount], scratch: Path, label: str) -> users.UserFiles:
-    """The snapshot's /etc/passwd and /etc/group as its container sees them (:mod:`daemon.oci.userfiles`).
-
-    Read from the layers in a thread; the snapshot is mounted (under
-    ``scratch``) only when the reader says it must be. A fresh snapshot of an
-    image is the image's content, so the answer serves every later lookup for
-    the same chain id; a missing file stays missing, an unreadable one fails
-    the lookup that needs it.
-    """
-    try:
-        return await asyncio.to_thread(userfiles.read_user_files, mounts, label)
-    except userfiles.NeedsMount as exc:
-        log.debug("cri.userfiles.mount", snapshot=label, reason=str(exc))
-    await asyncio.to_thread(scratch.mkdir, parents=True, exist_ok=True)
-    async with mounted(mounts, dir=scratch) as rootfs:
-        return await asyncio.to_thread(users.UserFiles.from_root, str(rootfs), label)
-
-
-def _spec_json(inp: specgen.SpecInput) -> tuple[dict[str, Any], bytes]:
-    """The spec and its JSON (the encoding is a few ms for a spec with its seccomp profile); blocking."""
-    spec = specgen.container_spec(inp)
-    return spec, json.dumps(spec).encode()
-
-
-async def _none() -> None:
-    return None
-
-
-def runc_features(runc: str) -> specgen.Features:
-    """``runc features`` (runc >= 1.1) decides rro and id-mapped mounts; blocking."""
-    try:
-        out = subprocess.run([runc, "features"], capture_output=True, timeout=10, check=False)
-        doc = json.loads(out.stdout) if out.returncode == 0 else {}
-    except (OSError, ValueError, subprocess.TimeoutExpired):
-        doc = {}
-    options = set(doc.get("mountOptions") or [])
-    idmap = bool(((doc.get("linux") or {}).get("mountExtensions") or {}).get("idmap", {}).get("enabled"))
-    return specgen.Features(rro="rro" in options, idmap=idmap)
 
 
 class ContainerManager:
@@ -225,118 +118,35 @@ class ContainerManager:
         self.max_log_line = max_log_line
         self.runc = runc
         self._parsed: dict[str, Parsed] = {}
-        self._oom: set[str] = set()
         self._rates = CpuRates()
-        self._features: specgen.Features | None = None
-        self._sub: Subscription | None = None
-        self._watcher: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Task[Any]] = set()
         self._creating: set[str] = set()
         self.wire = EncodedEntries()
         self._pod_configs: dict[str, tuple[bytes, cri.PodSandboxConfig]] = {}
-        self._users_roots: dict[str, str] = {}  # chain id -> directory with its /etc/passwd, /etc/group
+        self._exits = ExitWatcher(store=store, tasks=tasks, bus=bus, rates=self._rates, emit=self._emit)
+        self._creator = Creator(
+            store=store,
+            images=images,
+            snapshotter=snapshotter,
+            leases=leases,
+            state=state,
+            cgroup_driver=cgroup_driver,
+            runc=runc,
+            parsed=self._parsed,
+            emit=self._emit,
+        )
 
     # -- lifecycle of the manager ---------------------------------------------------------
 
     async def start(self) -> None:
         """Subscribe to task events, then reconcile the loaded containers with the runtime."""
-        self._sub = self.bus.subscribe(
-            topic_prefix="/tasks", namespace=NAMESPACE, maxsize=8192, name="cri-containers", replay=True
-        )
-        self._watcher = asyncio.create_task(self._watch(self._sub), name="cri-container-exits")
+        self._exits.start()
         await self.reconcile()
 
     async def close(self) -> None:
-        if self._sub is not None:
-            self._sub.close()
-        tasks = [t for t in (self._watcher, *self._background) if t is not None]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._exits.close()
 
     async def reconcile(self) -> None:
-        for c in list(self.store.containers.values()):
-            if c.status.state == EXITED:
-                continue
-            try:
-                st = await self.tasks.get(NAMESPACE, c.id)
-            except NotFound:
-                if c.status.state in (RUNNING, UNKNOWN):
-                    await self._exited(
-                        c,
-                        UNKNOWN_EXIT_CODE,
-                        now_ns(),
-                        reason=REASON_UNKNOWN,
-                        message="task lost across restart",
-                    )
-                continue
-            except BerthError as exc:
-                log.warning("cri.container.reconcile_failed", id=c.id, error=exc.message)
-                continue
-            if st.status == TaskStatus.STOPPED:
-                at = st.exited_at or datetime.now(UTC)
-                await self._exited(c, st.exit_status, int(at.timestamp() * 1e9))
-            elif st.status in (TaskStatus.RUNNING, TaskStatus.PAUSED) and c.status.state != RUNNING:
-                c.status.state, c.status.pid = RUNNING, st.pid
-                await self.store.save_status(c)
-        log.info("cri.containers.reconciled", containers=len(self.store.containers))
-
-    # -- exits --------------------------------------------------------------------------------
-
-    async def _watch(self, sub: Subscription) -> None:
-        async for env in sub:
-            try:
-                self._on_event(env)
-            except Exception:  # one bad event must not end the watcher
-                log.exception("cri.container.event_failed", topic=env.topic)
-
-    def _on_event(self, env: Envelope) -> None:
-        if env.topic not in ("/tasks/exit", "/tasks/oom"):
-            return  # (decoding every task event's Any costs ~0.5 ms each; only these two matter)
-        event = env.event
-        if isinstance(event, betterproto.lib.google.protobuf.Any):
-            event = decode_any(event)
-        if env.topic == "/tasks/oom" and isinstance(event, TaskOom):
-            if event.container_id in self.store.containers:
-                self._oom.add(event.container_id)
-            return
-        if env.topic != "/tasks/exit" or not isinstance(event, TaskExit):
-            return
-        if event.id not in ("", event.container_id):
-            return  # an exec
-        c = self.store.containers.get(event.container_id)
-        if c is None:
-            return
-        at = event.exited_at if event.exited_at and event.exited_at.year > 1970 else datetime.now(UTC)
-        task = asyncio.create_task(self._exited(c, event.exit_status, int(at.timestamp() * 1e9)))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _exited(
-        self, c: CriContainer, exit_code: int, finished_at: int, *, reason: str = "", message: str = ""
-    ) -> None:
-        """Record an exit once (EXITED, code, reason), delete the task, emit CONTAINER_STOPPED."""
-        async with c.lock:
-            if c.status.state == EXITED:
-                return
-            c.status.state = EXITED
-            c.status.exit_code = exit_code
-            c.status.finished_at = finished_at
-            if not reason:
-                oom = c.id in self._oom
-                reason = REASON_OOM if oom else REASON_COMPLETED if exit_code == 0 else REASON_ERROR
-            c.status.reason, c.status.message = reason, message or c.status.message
-            self._oom.discard(c.id)
-            self._rates.forget(c.id)
-            await self.store.save_status(c)
-            with contextlib.suppress(NotFound):
-                try:
-                    await self.tasks.delete(NAMESPACE, c.id)
-                except BerthError as exc:
-                    if not isinstance(exc, NotFound):
-                        log.warning("cri.container.task_delete_failed", id=c.id, error=exc.message)
-        log.info("cri.container.exited", id=c.id, exit_code=exit_code, reason=reason)
-        await self._emit(c, cri.ContainerEventType.CONTAINER_STOPPED_EVENT)
+        await reconcile(self.store, self.tasks, self._exits.exited)
 
     # -- create -------------------------------------------------------------------------------
 
@@ -360,184 +170,12 @@ class ContainerManager:
         self.store.container_names.reserve(name, cid)
         self._creating.add(cid)
         try:
-            return await self._create(cid, name, sb, pod_config, config, log_path)
+            return await self._creator.create(cid, name, sb, pod_config, config, log_path)
         except BaseException:
             self.store.container_names.release(name)
             raise
         finally:
             self._creating.discard(cid)
-
-    async def _create(
-        self,
-        cid: str,
-        name: str,
-        sb: Sandbox,
-        pod_config: cri.PodSandboxConfig,
-        config: cri.ContainerConfig,
-        log_path: str,
-    ) -> str:
-        # The snapshot is no GC root until the record names it: a lease holds it meanwhile. The
-        # lease and the image lookup are independent (one round trip); an unusable image drops it.
-        lease = f"cri-create-{cid}"
-        expire = (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
-        found, leased = await asyncio.gather(
-            self.images.get(config.image.image),
-            self.leases.create(NAMESPACE, lease, {"containerd.io/gc.expire": expire}),
-            return_exceptions=True,
-        )
-        try:
-            if isinstance(leased, BaseException):
-                raise leased
-            if isinstance(found, BaseException):
-                raise found
-            image = found
-            if image is None:
-                raise NotFound(f'failed to resolve image "{config.image.image}": not found')
-            if not image.chain_id:
-                raise FailedPrecondition(f'image "{config.image.image}": has no layers to run')
-            target_pid = 0
-            ns = config.linux.security_context.namespace_options
-            if ns.pid == cri.NamespaceMode.TARGET:
-                target = self.store.container(ns.target_id) if ns.target_id else None
-                target_pid = target.status.pid if target is not None and target.status.state == RUNNING else 0
-            await self._create_leased(cid, name, sb, pod_config, config, log_path, image, lease, target_pid)
-        except BaseException:
-            if not isinstance(leased, BaseException):
-                with contextlib.suppress(NotFound):
-                    await self.leases.delete(NAMESPACE, lease)
-            raise
-        # The record holds the snapshot now: the lease goes (in the database's thread) while the
-        # event is built on the loop.
-        dropping = asyncio.ensure_future(self._drop_lease(lease))
-        try:
-            log.info("cri.container.created", id=cid, name=name, sandbox=sb.id, image=image.id)
-            await self._emit(self.store.containers[cid], cri.ContainerEventType.CONTAINER_CREATED_EVENT)
-        finally:
-            await dropping
-        return cid
-
-    async def _drop_lease(self, lease: str) -> None:
-        with contextlib.suppress(NotFound):
-            await self.leases.delete(NAMESPACE, lease)
-
-    async def _create_leased(
-        self,
-        cid: str,
-        name: str,
-        sb: Sandbox,
-        pod_config: cri.PodSandboxConfig,
-        config: cri.ContainerConfig,
-        log_path: str,
-        image: CriImage,
-        lease: str,
-        target_pid: int,
-    ) -> None:
-        config = await imagevolume.mount_images(
-            config, sb, images=self.images, snapshotter=self.snapshotter, leases=self.leases
-        )
-        features = await self._runc_features()
-        pod = specgen.PodInfo(
-            id=sb.id,
-            config=pod_config,
-            netns_path=sb.meta.netns_path,
-            ipc_path=sb.meta.ipc_path,
-            uts_path=sb.meta.uts_path,
-            root_dir=sb.meta.root_dir,
-            cgroup_parent=sb.meta.cgroup_parent or pod_config.linux.cgroup_parent,
-            infra_pid=sb.status.pid,
-        )
-
-        def spec_input(rootfs: str) -> specgen.SpecInput:
-            return specgen.SpecInput(
-                container_id=cid,
-                config=config,
-                pod=pod,
-                image_name=config.image.image,
-                image_config=image.config,
-                rootfs=rootfs,
-                cgroup_driver=self.cgroup_driver,
-                features=features,
-                target_pid=target_pid,
-                host_hostname=socket.gethostname(),
-            )
-
-        # The spec reads only the image's /etc/passwd and /etc/group from the rootfs; once they
-        # are copied out for this chain, the spec is made while the snapshot is prepared.
-        users_root = self._users_roots.get(image.chain_id)
-
-        def spec_and_config(inp: specgen.SpecInput) -> tuple[dict[str, Any], bytes, bytes]:
-            """The spec, its JSON and the config's wire bytes (betterproto: ~1.5 ms): one thread job."""
-            spec, spec_bytes = _spec_json(inp)
-            return spec, spec_bytes, bytes(config)
-
-        prepared, made = await asyncio.gather(
-            self.snapshotter.prepare(NAMESPACE, cid, image.chain_id, lease=lease),
-            asyncio.to_thread(spec_and_config, spec_input(users_root)) if users_root else _none(),
-            return_exceptions=True,
-        )
-        if isinstance(prepared, BaseException):
-            raise prepared
-        mounts = prepared
-        try:
-            if isinstance(made, BaseException):
-                raise made
-            if made is None:
-                spec, spec_bytes = await self._spec_mounted(image.chain_id, mounts, spec_input)
-                config_bytes = bytes(config)
-            else:
-                spec, spec_bytes, config_bytes = made
-            entry: CriContainer = Entry(
-                ContainerMeta(
-                    id=cid,
-                    name=name,
-                    sandbox_id=sb.id,
-                    config=config_bytes,
-                    image_ref=image.id,
-                    image_name=config.image.image,
-                    log_path=log_path,
-                ),
-                ContainerStatus(state=CREATED, created_at=now_ns()),
-                dict(config.labels),
-                dict(config.annotations),
-            )
-            image_labels = (image.config.get("config") or {}).get("Labels") or {}
-            record_labels = {**{k: str(v) for k, v in dict(image_labels).items()}, **dict(config.labels)}
-            try:
-                await self.store.add_container(
-                    entry,
-                    spec=spec_bytes,
-                    snapshotter=self.snapshotter.name,
-                    snapshot_key=cid,
-                    record_labels=record_labels,
-                )
-            except InvalidArgument:
-                # the image's labels are not the caller's fault: retry with the config's own
-                await self.store.add_container(
-                    entry,
-                    spec=spec_bytes,
-                    snapshotter=self.snapshotter.name,
-                    snapshot_key=cid,
-                    record_labels=dict(config.labels),
-                )
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await self.snapshotter.remove(NAMESPACE, cid)
-            raise
-        self._parsed[cid] = Parsed(config, spec)
-
-    async def _spec_mounted(
-        self, chain_id: str, mounts: list[Mount], spec_input: Callable[[str], specgen.SpecInput]
-    ) -> tuple[dict[str, Any], bytes]:
-        """The spec of an image's first container; the /etc/passwd and /etc/group read from its snapshot
-        (:func:`image_user_files`) are kept in memory for the next ones of the same chain."""
-        files = await image_user_files(mounts, self.state, f"image layers {chain_id}")
-        self._users_roots[chain_id] = files
-        return await asyncio.to_thread(_spec_json, spec_input(files))
-
-    async def _runc_features(self) -> specgen.Features:
-        if self._features is None:
-            self._features = await asyncio.to_thread(runc_features, self.runc)
-        return self._features
 
     # -- start --------------------------------------------------------------------------------
 
@@ -638,7 +276,7 @@ class ContainerManager:
             exit_ = ExitStatus(0, UNKNOWN_EXIT_CODE, datetime.now(UTC))
             if c.status.state == EXITED:
                 return True
-        await self._exited(c, exit_.exit_status, int(exit_.exited_at.timestamp() * 1e9))
+        await self._exits.exited(c, exit_.exit_status, int(exit_.exited_at.timestamp() * 1e9))
         return True
 
     async def remove(self, container_id: str) -> None:
@@ -718,38 +356,11 @@ class ContainerManager:
         return found.config
 
     def container_pb(self, c: CriContainer) -> cri.Container:
-        config = self.config_of(c)
-        return cri.Container(
-            id=c.id,
-            pod_sandbox_id=c.meta.sandbox_id,
-            metadata=config.metadata,
-            image=cri.ImageSpec(image=config.image.image, annotations=dict(config.image.annotations)),
-            image_ref=c.meta.image_ref,
-            image_id=c.meta.image_ref,
-            state=STATE_PB.get(c.status.state, cri.ContainerState.CONTAINER_UNKNOWN),
-            created_at=c.status.created_at,
-            labels=dict(c.labels),
-            annotations=dict(c.annotations),
-        )
+        return views.container_pb(c, self.config_of(c))
 
     def matching(self, f: cri.ContainerFilter | None = None) -> list[CriContainer]:
         """ListContainers' choice: id and pod prefixes, state, labels (all must match); no message built."""
-        if f is None:
-            return list(self.store.containers.values())
-        id_prefix, pod_prefix, labels = f.id, f.pod_sandbox_id, f.label_selector
-        state = f.state.state if betterproto.serialized_on_wire(f.state) else None
-        out = []
-        for c in self.store.containers.values():
-            if id_prefix and not c.id.startswith(id_prefix):
-                continue
-            if pod_prefix and not c.meta.sandbox_id.startswith(pod_prefix):
-                continue
-            if state is not None and STATE_PB.get(c.status.state) != state:
-                continue
-            if labels and any(c.labels.get(k) != v for k, v in labels.items()):
-                continue
-            out.append(c)
-        return out
+        return views.matching(self.store.containers.values(), f)
 
     def select(self, f: cri.ContainerFilter | None = None) -> list[cri.Container]:
         """ListContainers as messages (the reference the encoded path must equal)."""
@@ -783,22 +394,7 @@ class ContainerManager:
         st = self.status_pb(c, parsed, image_spec=image_spec, image_ref=image_ref)
         info: dict[str, str] = {}
         if verbose:
-            info["info"] = json.dumps(
-                {
-                    "sandboxID": c.meta.sandbox_id,
-                    "pid": c.status.pid,
-                    "removing": False,
-                    "snapshotKey": c.id,
-                    "snapshotter": self.snapshotter.name,
-                    "runtimeType": "io.containerd.runc.v2",
-                    "runtimeOptions": {},
-                    "config": config.to_pydict(casing=betterproto.Casing.CAMEL),
-                    "runtimeSpec": parsed.spec,
-                    "image": c.meta.image_ref,
-                    "logPath": c.meta.log_path,
-                },
-                default=str,
-            )
+            info["info"] = views.verbose_info(c, parsed, self.snapshotter.name)
         return cri.ContainerStatusResponse(status=st, info=info)
 
     def status_pb(
@@ -809,38 +405,7 @@ class ContainerManager:
         image_spec: cri.ImageSpec | None = None,
         image_ref: str = "",
     ) -> cri.ContainerStatus:
-        config = parsed.config
-        resources = config.linux.resources
-        if c.status.resources:
-            resources = cri.LinuxContainerResources().from_dict(c.status.resources)
-        user = (parsed.spec.get("process") or {}).get("user") or {}
-        return cri.ContainerStatus(
-            id=c.id,
-            metadata=config.metadata,
-            state=STATE_PB.get(c.status.state, cri.ContainerState.CONTAINER_UNKNOWN),
-            created_at=c.status.created_at,
-            started_at=c.status.started_at,
-            finished_at=c.status.finished_at,
-            exit_code=c.status.exit_code,
-            image=cri.ImageSpec(image=config.image.image) if image_spec is None else image_spec,
-            image_ref=image_ref or c.meta.image_ref,
-            image_id=c.meta.image_ref,
-            reason=c.status.reason,
-            message=c.status.message,
-            labels=dict(c.labels),
-            annotations=dict(c.annotations),
-            mounts=list(config.mounts),
-            log_path=c.meta.log_path,
-            resources=cri.ContainerResources(linux=resources),
-            user=cri.ContainerUser(
-                linux=cri.LinuxContainerUser(
-                    uid=int(user.get("uid", 0)),
-                    gid=int(user.get("gid", 0)),
-                    supplemental_groups=[int(g) for g in user.get("additionalGids", [])],
-                )
-            ),
-            stop_signal=config.stop_signal,
-        )
+        return views.status_pb(c, parsed, image_spec=image_spec, image_ref=image_ref)
 
     # -- update, logs, exec -------------------------------------------------------------------
 
@@ -893,41 +458,7 @@ class ContainerManager:
         if c.status.state != RUNNING:
             raise FailedPrecondition(f'container "{c.id}": is not running (state {c.status.state.upper()})')
         parsed = await self.parsed(c)
-        process = copy.deepcopy(parsed.spec.get("process") or {})
-        process["args"], process["terminal"] = list(cmd), False
-        exec_id = secrets.token_hex(16)
-        d = self._dir(c.id) / f"exec-{exec_id}"
-        readers = await asyncio.to_thread(_ExecOutput.make, d)
-        try:
-            readers.watch()
-            await self.tasks.exec(
-                NAMESPACE,
-                c.id,
-                exec_id,
-                spec=Opaque(PROCESS_TYPE, json.dumps(process).encode()),
-                io=TaskIO(stdout=str(readers.stdout_path), stderr=str(readers.stderr_path)),
-            )
-            try:
-                await self.tasks.start(NAMESPACE, c.id, exec_id)
-                try:
-                    async with asyncio.timeout(seconds or None):
-                        exit_ = await self.tasks.wait(NAMESPACE, c.id, exec_id)
-                except TimeoutError:
-                    with contextlib.suppress(BerthError):
-                        await self.tasks.kill(NAMESPACE, c.id, exec_id, signal=int(signal.SIGKILL))
-                        async with asyncio.timeout(KILL_WAIT):
-                            await self.tasks.wait(NAMESPACE, c.id, exec_id)
-                    raise DeadlineExceeded(
-                        f'failed to exec in container "{c.id}": timeout {seconds}s exceeded'
-                    ) from None
-            finally:
-                with contextlib.suppress(BerthError, TimeoutError):
-                    await self.tasks.delete_process(NAMESPACE, c.id, exec_id)
-            stdout, stderr = readers.finish()
-            return stdout, stderr, exit_.exit_status
-        finally:
-            readers.close()
-            await asyncio.to_thread(shutil.rmtree, d, True)
+        return await execsync.run(self.tasks, c.id, parsed.spec, cmd, seconds, self._dir(c.id))
 
     # -- stats --------------------------------------------------------------------------------
 
@@ -990,61 +521,4 @@ class ContainerManager:
         )
 
 
-class _ExecOutput:
-    """The two FIFOs of an ExecSync and what has been read from them (capped)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.stdout_path = directory / "stdout"
-        self.stderr_path = directory / "stderr"
-        self._fds: list[int] = []
-        self._bufs = [bytearray(), bytearray()]
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    @classmethod
-    def make(cls, directory: Path) -> _ExecOutput:
-        """FIFOs made and opened O_RDWR|O_NONBLOCK (never EOF, never blocks); blocking."""
-        out = cls(directory)
-        directory.mkdir(parents=True, mode=0o700)
-        for path in (out.stdout_path, out.stderr_path):
-            os.mkfifo(path, 0o600)
-            out._fds.append(os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC))
-        return out
-
-    def watch(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        for i, fd in enumerate(self._fds):
-            self._loop.add_reader(fd, self._read, i)
-
-    def _read(self, i: int) -> None:
-        while True:
-            try:
-                data = os.read(self._fds[i], 65536)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno == errno.EAGAIN:
-                    return
-                raise
-            if not data:
-                return
-            room = EXEC_OUTPUT_CAP - len(self._bufs[i])
-            if room > 0:
-                self._bufs[i] += data[:room]
-
-    def finish(self) -> tuple[bytes, bytes]:
-        """Everything written so far (the process has exited: what it wrote is in the pipes)."""
-        for i in range(len(self._fds)):
-            self._read(i)
-        return bytes(self._bufs[0]), bytes(self._bufs[1])
-
-    def close(self) -> None:
-        for fd in self._fds:
-            if self._loop is not None:
-                with contextlib.suppress(Exception):
-                    self._loop.remove_reader(fd)
-            os.close(fd)
-        self._fds = []
-
-
-__all__ = ["AlreadyExists", "ContainerManager", "Record", "resolve_log_path", "signal_number"]
+__all__ = ["ContainerManager"]

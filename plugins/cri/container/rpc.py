@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator
 from daemon.errors import Unimplemented
 from daemon.validate import required
 from plugins.cri import events
-from plugins.cri.container.manager import RUNNING, ContainerManager
+from plugins.cri.container.manager import ContainerManager
+from plugins.cri.container.model import RUNNING
 from plugins.cri.wirecache import preencoded
 from protos.runtime import v1 as cri
 

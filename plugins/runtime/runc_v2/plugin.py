@@ -27,8 +27,9 @@ from daemon.hookspecs import hookimpl
 from daemon.metadata import MetadataDB
 from daemon.registry import InitContext, Registry
 from plugins.runtime.runc_v2.forward import ForwardServer
-from plugins.runtime.runc_v2.manager import Settings, TaskManager
+from plugins.runtime.runc_v2.manager import TaskManager
 from plugins.runtime.runc_v2.recovery import recover
+from plugins.runtime.runc_v2.settings import Settings
 from plugins.runtime.runc_v2.shims import resolve_binary
 
 TYPE = "berth.runtime.v2"

@@ -27,15 +27,9 @@ import structlog
 from daemon.errors import BerthError, NotFound
 from daemon.protocols import ExitStatus, TaskIO, TaskStatus
 from plugins.runtime.runc_v2.bundle import Bundle, LogReader, walk
-from plugins.runtime.runc_v2.manager import (
-    GROUP_ANNOTATIONS,
-    KILLED_STATUS,
-    STATE_TIMEOUT,
-    Process,
-    Task,
-    TaskManager,
-    when,
-)
+from plugins.runtime.runc_v2.manager import STATE_TIMEOUT, TaskManager
+from plugins.runtime.runc_v2.process import KILLED_STATUS, Process, Task, when
+from plugins.runtime.runc_v2.shimpool import GROUP_ANNOTATIONS
 from plugins.runtime.runc_v2.shims import Shim, remove_stale_socket
 from protos.containerd.task.v2 import StateRequest, StateResponse
 
