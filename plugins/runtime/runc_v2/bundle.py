@@ -78,24 +78,23 @@ class Bundle:
     def log_fifo(self) -> Path:
         return self.path / LOG_FIFO
 
-    def create(self, spec: bytes) -> None:
-        """Make the directory, ``config.json``, ``rootfs/`` and the ``log`` FIFO; AlreadyExists if present."""
+    def _make_dir(self, what: str) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
         try:
             self.path.mkdir(mode=0o711)
         except FileExistsError:
-            raise AlreadyExists(f"bundle {self.path}: already exists") from None
+            raise AlreadyExists(f"{what} {self.path}: already exists") from None
+
+    def create(self, spec: bytes) -> None:
+        """Make the directory, ``config.json``, ``rootfs/`` and the ``log`` FIFO; AlreadyExists if present."""
+        self._make_dir("bundle")
         (self.path / CONFIG).write_bytes(spec)
         self.rootfs.mkdir(mode=0o711)
         os.mkfifo(self.log_fifo, 0o700)
 
     def create_group(self) -> None:
         """Make a group directory (module docstring): ``config.json`` naming ``self.id`` as the group."""
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
-        try:
-            self.path.mkdir(mode=0o711)
-        except FileExistsError:
-            raise AlreadyExists(f"group directory {self.path}: already exists") from None
+        self._make_dir("group directory")
         spec = json.dumps({"ociVersion": "1.0.2", "annotations": {GROUP_ANNOTATION: self.id}})
         (self.path / CONFIG).write_text(spec)
 

@@ -194,9 +194,7 @@ class ShimPool:
                 shim.group, shim.prepared = group, True
                 self.register(shim)
                 log.info("shim.prepared", namespace=namespace, group=group, pid=shim.pid, address=address)
-        except BerthError as exc:
-            log.warning("shim.prepare_failed", namespace=namespace, group=group, error=str(exc))
-        except OSError as exc:
+        except (BerthError, OSError) as exc:
             log.warning("shim.prepare_failed", namespace=namespace, group=group, error=str(exc))
 
     async def release_idle(self, namespace: str, group: str) -> None:

@@ -167,12 +167,15 @@ class Shim:
             await asyncio.sleep(1.0)
         self._ended("connection lost")
 
-    def _ended(self, why: str) -> None:
+    def _unwatch_pidfd(self) -> None:
         if self._pidfd >= 0:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = -1
+
+    def _ended(self, why: str) -> None:
+        self._unwatch_pidfd()
         if self.gone.is_set():
             return
         self.gone.set()
@@ -196,11 +199,7 @@ class Shim:
         self._closing = True
         if self._watch is not None:
             self._watch.cancel()
-        if self._pidfd >= 0:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(self._pidfd)
-            os.close(self._pidfd)
-            self._pidfd = -1
+        self._unwatch_pidfd()
         await _close_quietly(self.client)
 
 

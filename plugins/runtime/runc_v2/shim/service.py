@@ -280,7 +280,7 @@ class TaskService:
             raise FailedPrecondition(
                 f"task {container.id!r}: cannot start a task in state {process.status.name}"
             )
-        await self._runc_call(container, "start", container.runc.start(container.id))
+        await self._runc_call(container, container.runc.start(container.id))
         if process.status == Status.CREATED:
             process.status = Status.RUNNING
         self._publish("/tasks/start", TaskStart(container_id=container.id, pid=process.pid))
@@ -370,7 +370,7 @@ class TaskService:
         container, init = self._process(request.id, "")
         if init.status == Status.STOPPED:
             return PidsResponse()
-        pids = await self._runc_call(container, "ps", container.runc.ps(container.id))
+        pids = await self._runc_call(container, container.runc.ps(container.id))
         execs = {p.pid: p.exec_id for p in container.execs.values() if p.pid > 0}
         processes = []
         for pid in pids:
@@ -388,7 +388,7 @@ class TaskService:
             )
         init.status = Status.PAUSING
         try:
-            await self._runc_call(container, "pause", container.runc.pause(container.id))
+            await self._runc_call(container, container.runc.pause(container.id))
         except BaseException:
             if init.status == Status.PAUSING:
                 init.status = Status.RUNNING
@@ -405,7 +405,7 @@ class TaskService:
             raise FailedPrecondition(
                 f"task {container.id!r}: cannot resume a task in state {init.status.name}"
             )
-        await self._runc_call(container, "resume", container.runc.resume(container.id))
+        await self._runc_call(container, container.runc.resume(container.id))
         if init.status == Status.PAUSED:
             init.status = Status.RUNNING
         self._publish("/tasks/resumed", TaskResumed(container_id=container.id))
@@ -429,7 +429,7 @@ class TaskService:
             raise InvalidArgument(f"task {container.id!r}: resources must be a JSON object")
         path = await asyncio.to_thread(_write_temp, container.bundle, "resources-", request.resources.value)
         try:
-            await self._runc_call(container, "update", container.runc.update(container.id, path))
+            await self._runc_call(container, container.runc.update(container.id, path))
         finally:
             await asyncio.to_thread(_unlink, path)
         log.info("shim.update", id=container.id)
@@ -496,7 +496,10 @@ class TaskService:
         io = await asyncio.to_thread(
             ProcessIO.open, request.stdin, request.stdout, request.stderr, request.terminal
         )
-        if exec_id in container.execs or container.id not in self._containers:  # raced while opening
+        if container.id not in self._containers:  # deleted while opening
+            await io.close()
+            raise NotFound(f"task {container.id!r}: not found (deleted while exec {exec_id!r} was set up)")
+        if exec_id in container.execs:  # raced while opening
             await io.close()
             raise AlreadyExists(f"task {container.id!r}: exec {exec_id!r} already exists")
         process = Process(container.id, exec_id, io, spec=request.spec.value)
@@ -616,7 +619,7 @@ class TaskService:
             raise Internal(f"{what}: {exc}") from None
         io.started()
 
-    async def _runc_call(self, container: Container, what: str, call: Any) -> Any:
+    async def _runc_call(self, container: Container, call: Any) -> Any:
         try:
             return await call
         except RuncError as exc:
@@ -705,8 +708,7 @@ class TaskService:
                 log.error("shim.unmount_failed", id=container.id, error=str(exc))
         if container.cgroup is not None:
             await asyncio.to_thread(cgroups.remove, container.cgroup)
-        for name in ("init.pid",):
-            await asyncio.to_thread(_unlink, str(container.bundle / name))
+        await asyncio.to_thread(_unlink, str(container.bundle / "init.pid"))
 
     def _background_task(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)

@@ -176,8 +176,8 @@ class Copy:
             except BlockingIOError:
                 await _ready(self.dst, _Wake(), write=True)
                 continue
-            except (BrokenPipeError, OSError) as exc:
-                if isinstance(exc, BrokenPipeError) or exc.errno == errno.EIO:
+            except OSError as exc:
+                if exc.errno in (errno.EPIPE, errno.EIO):
                     return False  # the reader (the process, the pty) is gone
                 raise
             view = view[written:]
@@ -334,8 +334,7 @@ class ProcessIO:
     async def close(self) -> None:
         """Stop the input, let output copies drain (bounded), release every fd."""
         self.close_stdin()
-        for copy in self.copies:
-            await copy.wait()
+        await asyncio.gather(*(copy.wait() for copy in self.copies))  # each bounded by DRAIN_TIMEOUT
         self.copies.clear()
         self.close_fds()
 
