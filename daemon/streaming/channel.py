@@ -179,9 +179,13 @@ def success_status() -> bytes:
     return _json({"metadata": {}, "status": "Success"})
 
 
+def _exit_message(exit_code: int, detail: str | None) -> str:
+    return f"command terminated with non-zero exit code: {detail or f'exit code {exit_code}'}"
+
+
 def exit_code_status(exit_code: int, detail: str | None = None) -> bytes:
     """The v4 Status for a non-zero exit; ``detail`` ends the message (default ``exit code N``)."""
-    message = f"command terminated with non-zero exit code: {detail or f'exit code {exit_code}'}"
+    message = _exit_message(exit_code, detail)
     return _json(
         {
             "metadata": {},
@@ -207,7 +211,7 @@ def error_stream_payload(protocol: str, exit_code: int, detail: str | None = Non
         return success_status() if exit_code == 0 else exit_code_status(exit_code, detail)
     if exit_code == 0:
         return b""
-    return f"command terminated with non-zero exit code: {detail or f'exit code {exit_code}'}".encode()
+    return _exit_message(exit_code, detail).encode()
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,6 @@ from daemon.errors import BerthError, InvalidArgument, NotFound, PermissionDenie
 from daemon.streaming.channel import (
     PORT_HEADER,
     PORTFORWARD_PROTOCOL,
-    PROTOCOL_V1,
     PROTOCOL_V4,
     REQUEST_ID_HEADER,
     SPDY_REMOTECOMMAND_PROTOCOLS,
@@ -124,7 +123,8 @@ async def spdy_connect(url: str, protocols: Sequence[str]) -> tuple[Session, str
             raise ProtocolError(f"streaming: bad status line {lines[0]!r}") from None
         headers = [(k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in lines[1:] if line)]
         if status != 101:
-            length = int(dict((k.lower(), v) for k, v in headers).get("content-length", "0") or 0)
+            length_text = dict((k.lower(), v) for k, v in headers).get("content-length", "")
+            length = int(length_text) if length_text.isdigit() else 0
             body = b""
             with contextlib.suppress(asyncio.IncompleteReadError, OSError, TimeoutError):
                 body = await asyncio.wait_for(reader.readexactly(min(length, 4096)), 5)
@@ -258,23 +258,56 @@ class SpdyCommand(RemoteCommand):
         await self.session.close()
 
 
-class WsCommand(RemoteCommand):
+async def _take(queue: asyncio.Queue[bytes]) -> bytes:
+    """The next chunk a reader task queued; ``b""`` (the end) stays queued for the next caller."""
+    data = await queue.get()
+    if not data:
+        queue.put_nowait(b"")
+    return data
+
+
+class _WsClient:
+    """One client WebSocket and the task reading it; subclasses set up their state, then call this."""
+
     def __init__(
         self, http: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse, protocol: WsProtocol
-    ):
+    ) -> None:
         self._http = http
         self._ws = ws
         self._proto = protocol
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        raise NotImplementedError
+
+    async def _send(self, channel: int, data: bytes) -> None:
+        message = encode_ws(self._proto, channel, data)
+        if isinstance(message, str):
+            await self._ws.send_str(message)
+        else:
+            await self._ws.send_bytes(message)
+
+    async def close(self) -> None:
+        await self._ws.close()
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+        await self._http.close()
+
+
+class WsCommand(_WsClient, RemoteCommand):
+    def __init__(
+        self, http: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse, protocol: WsProtocol
+    ):
         self.subprotocol = protocol.name
-        # the remotecommand semantics of the error channel (v4 Status JSON, or v1 text)
-        self.protocol = PROTOCOL_V4 if protocol.version >= 4 else PROTOCOL_V1
+        self.protocol = protocol.remotecommand_protocol
         self._queues: dict[int, asyncio.Queue[bytes]] = {
             CHANNEL_STDOUT: asyncio.Queue(),
             CHANNEL_STDERR: asyncio.Queue(),
         }
         self._error = b""
         self._done = asyncio.Event()
-        self._reader = asyncio.create_task(self._read())
+        super().__init__(http, ws, protocol)
 
     async def _read(self) -> None:
         try:
@@ -294,13 +327,6 @@ class WsCommand(RemoteCommand):
                 queue.put_nowait(b"")
             self._done.set()
 
-    async def _send(self, channel: int, data: bytes) -> None:
-        message = encode_ws(self._proto, channel, data)
-        if isinstance(message, str):
-            await self._ws.send_str(message)
-        else:
-            await self._ws.send_bytes(message)
-
     async def write_stdin(self, data: bytes) -> None:
         await self._send(CHANNEL_STDIN, data)
 
@@ -311,29 +337,15 @@ class WsCommand(RemoteCommand):
     async def resize(self, width: int, height: int) -> None:
         await self._send(CHANNEL_RESIZE, TerminalSize(width, height).encode())
 
-    async def _take(self, channel: int) -> bytes:
-        queue = self._queues[channel]
-        data = await queue.get()
-        if not data:
-            queue.put_nowait(b"")
-        return data
-
     async def read_stdout(self) -> bytes:
-        return await self._take(CHANNEL_STDOUT)
+        return await _take(self._queues[CHANNEL_STDOUT])
 
     async def read_stderr(self) -> bytes:
-        return await self._take(CHANNEL_STDERR)
+        return await _take(self._queues[CHANNEL_STDERR])
 
     async def wait(self) -> ExitStatus:
         await self._done.wait()
         return parse_error_stream(self.protocol, self._error)
-
-    async def close(self) -> None:
-        await self._ws.close()
-        self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
-        await self._http.close()
 
 
 async def _ws_connect(
@@ -500,7 +512,7 @@ async def connect_portforward(url: str) -> PortForward:
     return PortForward(session)
 
 
-class WsPortForward:
+class WsPortForward(_WsClient):
     """Port-forward over WebSocket: one connection per port named in the URL's ``port`` query."""
 
     def __init__(
@@ -510,14 +522,11 @@ class WsPortForward:
         proto: WsProtocol,
         ports: list[int],
     ):
-        self._http = http
-        self._ws = ws
-        self._proto = proto
         self.ports = ports
         self._data: dict[int, asyncio.Queue[bytes]] = {i: asyncio.Queue() for i in range(len(ports))}
         self._errors: dict[int, bytes] = {i: b"" for i in range(len(ports))}
         self._prefixed: set[int] = set()
-        self._reader = asyncio.create_task(self._read())
+        super().__init__(http, ws, proto)
 
     async def _read(self) -> None:
         try:
@@ -544,28 +553,14 @@ class WsPortForward:
                 queue.put_nowait(b"")
 
     async def write(self, index: int, data: bytes) -> None:
-        message = encode_ws(self._proto, portforward_ws_channels(index)[0], data)
-        if isinstance(message, str):
-            await self._ws.send_str(message)
-        else:
-            await self._ws.send_bytes(message)
+        await self._send(portforward_ws_channels(index)[0], data)
 
     async def read(self, index: int) -> bytes:
         """The next chunk from the ``index``-th port; ``b""`` once the server closed the socket."""
-        data = await self._data[index].get()
-        if not data:
-            self._data[index].put_nowait(b"")
-        return data
+        return await _take(self._data[index])
 
     def error(self, index: int) -> str:
         return self._errors[index].decode("utf-8", "replace")
-
-    async def close(self) -> None:
-        await self._ws.close()
-        self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
-        await self._http.close()
 
 
 async def connect_portforward_ws(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -50,6 +49,11 @@ class WsProtocol:
     def close_signal(self) -> bool:
         return self.version >= 5
 
+    @property
+    def remotecommand_protocol(self) -> str:
+        """The SPDY subprotocol whose error-stream semantics apply (v4 Status JSON, or v1 text)."""
+        return PROTOCOL_V4 if self.version >= 4 else PROTOCOL_V1
+
 
 WS_PROTOCOLS = {
     "": WsProtocol("", False, 1),  # no subprotocol offered: binary channel.k8s.io
@@ -65,8 +69,9 @@ WS_PORTFORWARD_PROTOCOLS = (PROTOCOL_V4, V4_BASE64_PROTOCOL)
 
 def is_websocket_upgrade(connection: str | None, upgrade: str | None) -> bool:
     """Upgrade is ``websocket`` and Connection lists ``upgrade`` (wsstream.IsWebSocketRequest)."""
-    tokens = re.split(r"\s*,\s*", (connection or "").strip().lower())
-    return (upgrade or "").strip().lower() == "websocket" and "upgrade" in tokens
+    return (upgrade or "").strip().lower() == "websocket" and "upgrade" in (
+        t.lower() for t in tokens([connection or ""])
+    )
 
 
 def negotiate_ws_protocol(offered: Iterable[str], allowed: Sequence[str]) -> WsProtocol | None:

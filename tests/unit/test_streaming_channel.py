@@ -204,6 +204,12 @@ def test_websocket_negotiation_and_detection() -> None:
     assert ws.is_websocket_upgrade("keep-alive, Upgrade", "WebSocket")
     assert not ws.is_websocket_upgrade("keep-alive", "websocket")
     assert not ws.is_websocket_upgrade("Upgrade", "SPDY/3.1")
+    assert ws.is_websocket_upgrade(" upgrade ,keep-alive", " websocket ")
+    assert not ws.is_websocket_upgrade(None, "websocket")
+    assert not ws.is_websocket_upgrade("upgraded", "websocket")
+    assert ws.WS_PROTOCOLS["v4.base64.channel.k8s.io"].remotecommand_protocol == "v4.channel.k8s.io"
+    assert V5.remotecommand_protocol == "v4.channel.k8s.io"
+    assert ws.WS_PROTOCOLS[""].remotecommand_protocol == "channel.k8s.io"
 
 
 def test_portforward_channels_and_port_prefix() -> None:

@@ -45,7 +45,7 @@ from plugins.cri.store import NAMESPACE, CriStore
 from plugins.cri.streaming import netnsdial
 from plugins.cri.streaming.crilog import LogFollower
 from plugins.cri.streaming.fifo import FifoReader, FifoWriter
-from plugins.cri.streaming.streams import ByteSink, ProcessIO
+from plugins.cri.streaming.streams import ByteSource, ProcessIO, copy
 from protos.runtime import v1 as cri
 
 log = structlog.get_logger("berth.cri.streaming")
@@ -86,15 +86,6 @@ class StreamBackend(Protocol):
 
 
 # -- shared copying helpers -------------------------------------------------------------
-
-
-async def pump_reader(reader: FifoReader, sink: ByteSink) -> None:
-    """FIFO -> client until EOF, then end the client's stream."""
-    try:
-        while data := await reader.read():
-            await sink.write(data)
-    finally:
-        await sink.close()
 
 
 async def finish(tasks: Sequence[asyncio.Task[Any]], within: float) -> None:
@@ -196,10 +187,14 @@ class TaskBackend:
             for name, reader in readers.items():
                 sink = io.stdout if name == "stdout" else io.stderr
                 assert sink is not None
-                outputs.append(asyncio.create_task(pump_reader(reader, sink)))
+                outputs.append(asyncio.create_task(copy(reader, sink)))
             copies += outputs
             if writer is not None and io.stdin is not None:
-                copies.append(asyncio.create_task(self._feed_stdin(container_id, exec_id, io, writer)))
+                copies.append(
+                    asyncio.create_task(
+                        self._feed_stdin(container_id, exec_id, io.stdin, writer, close_io=True)
+                    )
+                )
             if io.resizes is not None:
                 copies.append(asyncio.create_task(self._resize(container_id, exec_id, io)))
             status = await self._tasks.wait(self._ns, container_id, exec_id)
@@ -216,17 +211,21 @@ class TaskBackend:
                 )
             )
 
-    async def _feed_stdin(self, container_id: str, exec_id: str, io: ProcessIO, writer: FifoWriter) -> None:
-        assert io.stdin is not None
+    async def _feed_stdin(
+        self, container_id: str, exec_id: str, source: ByteSource, writer: FifoWriter, *, close_io: bool
+    ) -> None:
+        """Client stdin -> the process's stdin FIFO; at its end our FIFO end closes, then CloseIO if asked."""
         try:
-            while data := await io.stdin.read():
+            while data := await source.read():
                 await writer.write(data)
         except OSError as exc:
-            log.debug("exec.stdin_error", exec_id=exec_id, error=str(exc))
+            what = "exec" if exec_id else "attach"
+            log.debug(f"{what}.stdin_error", container=container_id, exec_id=exec_id, error=str(exc))
         finally:
             writer.close()
-        with contextlib.suppress(BerthError):
-            await self._tasks.close_io(self._ns, container_id, exec_id, stdin=True)
+        if close_io:
+            with contextlib.suppress(BerthError):
+                await self._tasks.close_io(self._ns, container_id, exec_id, stdin=True)
 
     async def _resize(self, container_id: str, exec_id: str, io: ProcessIO) -> None:
         assert io.resizes is not None
@@ -293,9 +292,8 @@ class TaskBackend:
             if io.stdin is not None:
                 if not state.io.stdin:
                     raise FailedPrecondition(f'container "{c.id}" was not created with stdin')
-                tasks.append(
-                    asyncio.create_task(self._attach_stdin(c.id, state.io.stdin, io, config.stdin_once))
-                )
+                feed = self._attach_stdin(c.id, state.io.stdin, io.stdin, config.stdin_once)
+                tasks.append(asyncio.create_task(feed))
             if io.resizes is not None:
                 tasks.append(asyncio.create_task(self._resize(c.id, "", io)))
             status = await self._tasks.wait(self._ns, c.id)
@@ -311,19 +309,9 @@ class TaskBackend:
                 if sink is not None:
                     await sink.close()
 
-    async def _attach_stdin(self, container_id: str, path: str, io: ProcessIO, stdin_once: bool) -> None:
-        assert io.stdin is not None
-        writer = FifoWriter(path)
-        try:
-            while data := await io.stdin.read():
-                await writer.write(data)
-        except OSError as exc:
-            log.debug("attach.stdin_error", container=container_id, error=str(exc))
-        finally:
-            writer.close()
-        if stdin_once:
-            with contextlib.suppress(BerthError):
-                await self._tasks.close_io(self._ns, container_id, "", stdin=True)
+    async def _attach_stdin(self, container_id: str, path: str, source: ByteSource, stdin_once: bool) -> None:
+        """The container's own stdin FIFO, opened in the task (a failure ends only the stdin copy)."""
+        await self._feed_stdin(container_id, "", source, FifoWriter(path), close_io=stdin_once)
 
     # -- port-forward ----------------------------------------------------------------
 

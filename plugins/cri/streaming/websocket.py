@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from daemon.streaming.channel import PROTOCOL_V1, PROTOCOL_V4, ResizeDecoder, StreamOptions, TerminalSize
+from daemon.streaming.channel import ResizeDecoder, StreamOptions, TerminalSize
 from daemon.streaming.errors import ProtocolError
 from daemon.streaming.wschannel import (
     CHANNEL_ERROR,
@@ -126,7 +126,7 @@ class WsCommand:
     @property
     def protocol(self) -> str:
         """The remotecommand protocol whose error-stream semantics apply."""
-        return PROTOCOL_V4 if self.version >= 4 else PROTOCOL_V1
+        return self.channels.protocol.remotecommand_protocol
 
     async def ready(self) -> None:
         first = (
