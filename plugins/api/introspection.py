@@ -91,10 +91,19 @@ def server_uuid(root: Path) -> str:
     return value
 
 
+def _pid_namespace() -> int:
+    """The inode of berthd's pid namespace (0 if /proc cannot tell)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
 class IntrospectionService(IntrospectionBase):
     def __init__(self, ic: InitContext, uuid_: str) -> None:
         self._ic = ic
         self.uuid = uuid_
+        self._pidns = _pid_namespace()  # fixed for the life of the process: read once, not per call
 
     async def plugins(self, plugins_request: PluginsRequest) -> PluginsResponse:
         flt = filters.parse(list(plugins_request.filters))
@@ -118,11 +127,7 @@ class IntrospectionService(IntrospectionBase):
         ]
 
     async def server(self, betterproto_lib_google_protobuf_empty: pb.Empty) -> ServerResponse:
-        try:
-            pidns = os.stat("/proc/self/ns/pid").st_ino
-        except OSError:
-            pidns = 0
-        return ServerResponse(uuid=self.uuid, pid=os.getpid(), pidns=pidns, deprecations=[])
+        return ServerResponse(uuid=self.uuid, pid=os.getpid(), pidns=self._pidns, deprecations=[])
 
     async def plugin_info(self, plugin_info_request: PluginInfoRequest) -> PluginInfoResponse:
         req = plugin_info_request

@@ -68,6 +68,7 @@ from plugins.images.blobs import (
     index_labels,
     manifest_labels,
     read_blob,
+    read_blob_if_present,
     store_blob,
 )
 from plugins.images.registry.manifests import (
@@ -463,15 +464,13 @@ async def label_tree(cs: ContentStore, target: Descriptor, image: str) -> None:
     if isinstance(doc, Index):
         children: list[tuple[int, Descriptor]] = []
         for i, entry in enumerate(doc.manifests):
-            if await has_blob(cs, entry.descriptor.digest):
-                children.append((i, entry.descriptor))
-                child = parse(
-                    await read_blob(cs, entry.descriptor, f"{image}: manifest {entry.descriptor.digest}"),
-                    entry.descriptor,
-                    image=image,
-                )
+            child_desc = entry.descriptor
+            data = await read_blob_if_present(cs, child_desc, f"{image}: manifest {child_desc.digest}")
+            if data is not None:
+                children.append((i, child_desc))
+                child = parse(data, child_desc, image=image)
                 if isinstance(child, Manifest):
-                    manifests.append((entry.descriptor, child))
+                    manifests.append((child_desc, child))
         await add_labels(cs, target.digest, index_labels(children))
     else:
         manifests.append((target, doc))
@@ -493,14 +492,24 @@ async def _collect(
     """Add the blobs of ``image`` to ``out`` (by digest): NotFound naming what the store lacks."""
     name = image.name
 
+    def missing(desc: Descriptor, what: str) -> NotFound:
+        return NotFound(f"{name}: {what} {desc.digest} is not in the content store (pull the image again)")
+
     async def present(desc: Descriptor, what: str) -> None:
         if not await has_blob(cs, desc.digest):
-            raise NotFound(f"{name}: {what} {desc.digest} is not in the content store (pull the image again)")
+            raise missing(desc, what)
         out.setdefault(desc.digest, desc)
 
+    async def document(desc: Descriptor) -> Manifest | Index:
+        """A manifest or index read (one lookup) and recorded in ``out``."""
+        data = await read_blob_if_present(cs, desc, f"{name}: manifest {desc.digest}")
+        if data is None:
+            raise missing(desc, "manifest")
+        out.setdefault(desc.digest, desc)
+        return parse(data, desc, image=name)
+
     target = image.target
-    await present(target, "manifest")
-    doc = parse(await read_blob(cs, target, f"{name}: manifest {target.digest}"), target, image=name)
+    doc = await document(target)
     manifests: list[Descriptor] = []
     if isinstance(doc, Index):
         if platform is None:
@@ -514,8 +523,7 @@ async def _collect(
     else:
         manifests = [target]
     for desc in manifests:
-        await present(desc, "manifest")
-        manifest = parse(await read_blob(cs, desc, f"{name}: manifest {desc.digest}"), desc, image=name)
+        manifest = await document(desc)
         if not isinstance(manifest, Manifest):
             raise InvalidArgument(f"{name}: manifest {desc.digest} is an index, expected a manifest")
         await present(manifest.config, "config")

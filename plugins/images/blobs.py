@@ -219,6 +219,16 @@ async def read_blob(
     return data
 
 
+async def read_blob_if_present(
+    cs: ContentStore, desc: Descriptor, what: str, max_size: int = MAX_MANIFEST_SIZE
+) -> bytes | None:
+    """:func:`read_blob`, or None if the store lacks the blob (one lookup, not has_blob + read_blob)."""
+    try:
+        return await read_blob(cs, desc, what, max_size)
+    except NotFound:
+        return None
+
+
 async def has_blob(cs: ContentStore, digest: str) -> bool:
     try:
         await cs.info(digest)

@@ -51,11 +51,10 @@ from plugins.images.blobs import (
     check_layer,
     check_layers_match,
     choose_manifest,
-    has_blob,
     index_labels,
     manifest_labels,
     parse_config,
-    read_blob,
+    read_blob_if_present,
     snapshot_label,
     store_blob,
 )
@@ -225,18 +224,20 @@ class Puller:
         self, repo: Repository, cs: ContentStore, desc: Descriptor, tracker: ProgressTracker
     ) -> bytes:
         """A manifest or index: from the content store if there, else the registry (verified)."""
-        if await has_blob(cs, desc.digest):
+        data = await read_blob_if_present(cs, desc, f"{repo.image}: manifest {desc.digest}")
+        if data is not None:
             tracker.state(desc.digest, State.EXISTS)
-            return await read_blob(cs, desc, f"{repo.image}: manifest {desc.digest}")
+            return data
         tracker.state(desc.digest, State.DOWNLOADING)
         return await repo.fetch_manifest(desc)
 
     async def _config(
         self, repo: Repository, cs: ContentStore, desc: Descriptor, tracker: ProgressTracker
     ) -> bytes:
-        if await has_blob(cs, desc.digest):
+        data = await read_blob_if_present(cs, desc, f"{repo.image}: config {desc.digest}", MAX_CONFIG_SIZE)
+        if data is not None:
             tracker.state(desc.digest, State.EXISTS)
-            return await read_blob(cs, desc, f"{repo.image}: config {desc.digest}", MAX_CONFIG_SIZE)
+            return data
         tracker.state(desc.digest, State.DOWNLOADING)
         return await repo.fetch_bytes(desc, MAX_CONFIG_SIZE)
 
