@@ -289,6 +289,7 @@ async def test_shared_pid_pod_runs_an_infra_process_in_its_namespaces(node: Node
     assert stats.linux.containers == []
     assert stats.linux.cpu.timestamp > 0
     assert stats.linux.memory.working_set_bytes.value > 0  # the infra's own cgroup
+    assert stats.linux.process.process_count.value >= 1  # the infra process itself
     assert "eth0" in [i.name for i in stats.linux.network.interfaces]
     assert stats.linux.network.default_interface.name == "eth0"
 

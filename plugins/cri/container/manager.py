@@ -58,6 +58,7 @@ from daemon.events import EventBus
 from daemon.metadata.containers import ContainerStore, TypedValue
 from daemon.metadata.leases import LeaseStore
 from daemon.metadata.snapshots import NamespacedSnapshotter
+from daemon.oci.spec import clamp_oom_score_adj
 from daemon.protocols import ExitStatus, Opaque, TaskIO, TaskManager
 from plugins.cri import events
 from plugins.cri.container import execsync, imagevolume, specgen, views
@@ -79,8 +80,9 @@ from plugins.cri.container.model import (
 )
 from plugins.cri.container.reconcile import reconcile
 from plugins.cri.container.signals import image_stop_signal, signal_number
-from plugins.cri.container.stats import CpuRates, Sample, decode
+from plugins.cri.container.stats import CpuRates, Sample, cpu_usage, decode, memory_usage
 from plugins.cri.images import CriImage, CriImages
+from plugins.cri.sandbox.views import status_pb as pod_status_pb
 from plugins.cri.store import CriContainer, CriStore, Sandbox, container_name, now_ns
 from plugins.cri.wirecache import EncodedEntries
 from protos.runtime import v1 as cri
@@ -422,8 +424,6 @@ class ContainerManager:
             specgen.with_resources(resources)(spec)
             process = spec.get("process") or {}
             if "oomScoreAdj" in process:
-                from daemon.oci.spec import clamp_oom_score_adj
-
                 process["oomScoreAdj"] = clamp_oom_score_adj(int(process["oomScoreAdj"]))
             linux_resources = (spec.get("linux") or {}).get("resources") or {}
             if c.status.state == RUNNING:
@@ -475,8 +475,6 @@ class ContainerManager:
             with contextlib.suppress(BerthError):
                 sample = decode(await self.tasks.stats(NAMESPACE, c.id), timestamp)
             if sample is not None:
-                from plugins.cri.container.stats import cpu_usage, memory_usage
-
                 out.cpu = cpu_usage(sample, self._rates.rate(c.id, sample))
                 out.memory = memory_usage(sample)
         with contextlib.suppress(BerthError):
@@ -507,10 +505,8 @@ class ContainerManager:
         sb = self.store.sandboxes.get(c.meta.sandbox_id)
         pod_status = cri.PodSandboxStatus()
         if sb is not None:
-            from plugins.cri.sandbox.views import status_pb
-
             with contextlib.suppress(Exception):
-                pod_status = status_pb(sb, self._pod_config(sb))
+                pod_status = pod_status_pb(sb, self._pod_config(sb))
         statuses = []
         for other in self.store.containers_of(c.meta.sandbox_id):
             with contextlib.suppress(BerthError):

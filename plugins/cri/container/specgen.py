@@ -43,6 +43,7 @@ from daemon.metadata.validate import validate_labels
 from daemon.oci import seccomp, users
 from daemon.oci import spec as oci
 from plugins.cri.container.imagevolume import check_image_mount
+from plugins.cri.sandbox.validate import check_resources
 from protos.runtime import v1 as cri
 
 log = structlog.get_logger("berth.cri.specgen")
@@ -167,18 +168,9 @@ def validate_config(config: cri.ContainerConfig, *, image_volumes_mounted: bool 
 
 
 def validate_resources(r: cri.LinuxContainerResources, where: str) -> None:
-    """Negative values (but an unlimited quota of -1) and an out-of-range oom_score_adj: InvalidArgument."""
-    for name in ("cpu_period", "cpu_shares", "memory_limit_in_bytes"):
-        if getattr(r, name) < 0:
-            raise InvalidArgument(f"{where}.{name}: {getattr(r, name)} must not be negative")
-    if r.cpu_quota < -1:
-        raise InvalidArgument(f"{where}.cpu_quota: {r.cpu_quota} must not be negative (-1: unlimited)")
-    if r.memory_swap_limit_in_bytes < -1:
-        raise InvalidArgument(
-            f"{where}.memory_swap_limit_in_bytes: {r.memory_swap_limit_in_bytes} is invalid"
-        )
-    if not oci.OOM_SCORE_ADJ_MIN <= r.oom_score_adj <= oci.OOM_SCORE_ADJ_MAX:
-        raise InvalidArgument(f"{where}.oom_score_adj: {r.oom_score_adj} must be within [-1000, 1000]")
+    """The pod's checks (:func:`check_resources`: no negative figures but an unlimited -1, a sane
+    oom_score_adj), then the ranges runc enforces on a container's CPU period and quota: InvalidArgument."""
+    check_resources(r, where)
     if r.cpu_period and not 1000 <= r.cpu_period <= 1_000_000:
         raise InvalidArgument(f"{where}.cpu_period: {r.cpu_period} must be within [1000, 1000000] us")
     if r.cpu_quota > 0 and r.cpu_quota < 1000:

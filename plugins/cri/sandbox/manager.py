@@ -34,7 +34,7 @@ import contextlib
 import json
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -469,16 +469,20 @@ class SandboxManager:
     # -- stats ---------------------------------------------------------------------------
 
     async def stats(self, sb: Sandbox) -> cri.PodSandboxStats:
-        """CPU and memory summed over the pod's tasks, per-container figures, network of the netns."""
+        """CPU and memory summed over the pod's tasks, per-container figures, network of the netns.
+
+        Every task's metrics and pids are asked for at once (two shim round trips each)."""
         config = self.config_of(sb)
         now = now_ns()
-        total = podstats.Usage()
+        found = self.store.containers_of(sb.id)
+        ids = [sb.id, *(c.id for c in found)] if sb.status.pid else [c.id for c in found]
+        usages, counts = await asyncio.gather(
+            asyncio.gather(*(self._usage(i) for i in ids)),
+            asyncio.gather(*(self._pid_count(i) for i in ids)),
+        )
+        total = sum(usages, podstats.Usage())
         containers: list[cri.ContainerStats] = []
-        if sb.status.pid:
-            total = total + await self._usage(sb.id)
-        for c in self.store.containers_of(sb.id):
-            usage = await self._usage(c.id)
-            total = total + usage
+        for c, usage in zip(found, usages[len(ids) - len(found) :], strict=True):
             c_config = cri.ContainerConfig().parse(c.meta.config)
             containers.append(
                 cri.ContainerStats(
@@ -496,9 +500,7 @@ class SandboxManager:
             cpu=podstats.cpu_pb(total, now, self.rates.rate(sb.id, now, total.cpu_ns)),
             memory=podstats.memory_pb(total, now),
             containers=containers,
-            process=cri.ProcessUsage(
-                timestamp=now, process_count=cri.UInt64Value(await self._process_count(sb))
-            ),
+            process=cri.ProcessUsage(timestamp=now, process_count=cri.UInt64Value(sum(counts))),
         )
         if sb.meta.netns_path and netns.is_pinned(sb.meta.netns_path, "net"):
             try:
@@ -521,14 +523,9 @@ class SandboxManager:
             log.debug("sandbox.stats.task", container=container_id, error=exc.message)
             return podstats.Usage()
 
-    async def _process_count(self, sb: Sandbox) -> int:
-        count = 0
-        ids: Iterable[str] = [c.id for c in self.store.containers_of(sb.id)]
-        if sb.status.pid:
-            ids = [sb.id, *ids]
-        for cid in ids:
-            try:
-                count += len(await self.tasks.pids(NAMESPACE, cid))
-            except BerthError:
-                continue
-        return count
+    async def _pid_count(self, task_id: str) -> int:
+        """How many processes the task has; 0 when it has none or its shim cannot say."""
+        try:
+            return len(await self.tasks.pids(NAMESPACE, task_id))
+        except BerthError:
+            return 0

@@ -2,9 +2,10 @@
 
 CPU and memory come from ``TaskManager.stats`` (containerd's
 ``io.containerd.cgroups.v1.Metrics`` or ``.v2.Metrics``, as an Any) per
-task, mapped the way containerd's CRI maps them (working set = usage minus
-inactive file pages). ``usage_nano_cores`` needs two samples: :class:`CpuRates`
-remembers the last one per id.
+task, decoded as a container's own stats are (:mod:`plugins.cri.container.stats`:
+working set = usage minus inactive file pages, available = limit minus working
+set). ``usage_nano_cores`` needs two samples: :class:`CpuRates` remembers the
+last one per id.
 
 Network figures are ``/proc/net/dev`` of the pod's network namespace, read by
 a short-lived thread that joins the namespace with setns(2) and reads
@@ -23,13 +24,10 @@ from dataclasses import dataclass
 
 from daemon.errors import FailedPrecondition
 from daemon.protocols import Opaque
-from protos.io.containerd.cgroups import v1 as cg1
-from protos.io.containerd.cgroups import v2 as cg2
+from plugins.cri.container.stats import decode
 from protos.runtime import v1 as cri
 
 CLONE_NEWNET = 0x40000000
-V1_TYPE = "io.containerd.cgroups.v1.Metrics"
-V2_TYPE = "io.containerd.cgroups.v2.Metrics"
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -59,39 +57,20 @@ class Usage:
 
 
 def usage_of(metrics: Opaque | None) -> Usage:
-    """The figures of one task's metrics; zeros for none or an unknown type."""
-    if metrics is None:
+    """One task's figures, decoded as its ContainerStats are (:func:`plugins.cri.container.stats.decode`,
+    so a pod's and a container's numbers agree); zeros for none or an unknown type."""
+    sample = decode(metrics, 0)
+    if sample is None:
         return Usage()
-    name = metrics.type_url.rsplit("/", 1)[-1]
-    if name == V1_TYPE:
-        m1 = cg1.Metrics().parse(metrics.value)
-        mem = m1.memory
-        usage = mem.usage.usage
-        inactive = mem.total_inactive_file or mem.inactive_file
-        limit = mem.usage.limit
-        return Usage(
-            cpu_ns=m1.cpu.usage.total,
-            memory_usage=usage,
-            working_set=max(usage - inactive, 0),
-            rss=mem.total_rss or mem.rss,
-            page_faults=mem.total_pg_fault or mem.pg_fault,
-            major_page_faults=mem.total_pg_maj_fault or mem.pg_maj_fault,
-            available=max(limit - usage, 0) if 0 < limit < (1 << 62) else 0,
-        )
-    if name == V2_TYPE:
-        m2 = cg2.Metrics().parse(metrics.value)
-        mem2 = m2.memory
-        limit = mem2.usage_limit
-        return Usage(
-            cpu_ns=m2.cpu.usage_usec * 1000,
-            memory_usage=mem2.usage,
-            working_set=max(mem2.usage - mem2.inactive_file, 0),
-            rss=mem2.anon,
-            page_faults=mem2.pgfault,
-            major_page_faults=mem2.pgmajfault,
-            available=max(limit - mem2.usage, 0) if 0 < limit < (1 << 62) else 0,
-        )
-    return Usage()
+    return Usage(
+        cpu_ns=sample.cpu_usage_ns,
+        memory_usage=sample.memory_usage,
+        working_set=sample.working_set,
+        rss=sample.rss,
+        page_faults=sample.page_faults,
+        major_page_faults=sample.major_page_faults,
+        available=sample.available,
+    )
 
 
 class CpuRates:
