@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import logging
 import os
 import platform
 import shutil
@@ -31,11 +30,11 @@ from types import FrameType
 from typing import Any
 
 import betterproto.lib.google.protobuf as pb
-import structlog
 from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
+from daemon.cli.logs import quiet_logs as quiet_logs  # re-exported: warnings+ on stderr
 from daemon.mount import mount_points_under, release
 from protos.containerd.services.namespaces.v1 import CreateNamespaceRequest, Namespace, NamespacesStub
 from protos.containerd.services.version.v1 import VersionStub
@@ -318,11 +317,6 @@ def remove_base(base: Path) -> None:
 
 
 # -- the machine ---------------------------------------------------------------------------------------------
-
-
-def quiet_logs() -> None:
-    """Only warnings and errors from the daemon modules the bench calls in process (daemon.mount)."""
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
 
 def machine() -> dict[str, Any]:

@@ -53,11 +53,9 @@ def request_namespace(default: str | None = None) -> str:
     Raises InvalidArgument like containerd ("namespace is required") when the
     header is missing and no default applies.
     """
-    value = request_metadata().get(NAMESPACE_HEADER)
-    if isinstance(value, bytes):
-        value = value.decode()
+    value = _header(NAMESPACE_HEADER)
     if value:
-        return str(value)
+        return value
     if default is not None:
         return default
     raise FailedPrecondition("namespace is required: set the containerd-namespace header (berth -n NAME)")
@@ -70,7 +68,12 @@ def request_lease() -> str:
     a lease that does not exist in the request's namespace makes the call
     fail with NotFound, as in containerd.
     """
-    value = request_metadata().get(LEASE_HEADER)
+    return _header(LEASE_HEADER)
+
+
+def _header(name: str) -> str:
+    """A metadata value of the call being served, as text; "" when absent or empty."""
+    value = request_metadata().get(name)
     if isinstance(value, bytes):
         value = value.decode()
     return str(value) if value else ""

@@ -29,6 +29,7 @@ again whatever an option put there.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import posixpath
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -307,14 +308,20 @@ def _normalise_cap(name: str) -> str:
     return cap
 
 
-def host_capabilities() -> list[str]:
-    """Every capability this kernel knows (up to /proc/sys/kernel/cap_last_cap)."""
+@functools.cache
+def _host_capabilities() -> tuple[str, ...]:
+    # The kernel's cap_last_cap is fixed for the boot: read once, not per spec (nor per set).
     try:
         with open("/proc/sys/kernel/cap_last_cap") as f:
             last = int(f.read().strip())
     except (OSError, ValueError):
         last = len(ALL_CAPABILITIES) - 1
-    return list(ALL_CAPABILITIES[: last + 1])
+    return tuple(ALL_CAPABILITIES[: last + 1])
+
+
+def host_capabilities() -> list[str]:
+    """Every capability this kernel knows (up to /proc/sys/kernel/cap_last_cap); a fresh list."""
+    return list(_host_capabilities())
 
 
 def _check_abs(path: str, what: str) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from daemon.cli import berth
+from daemon.cli.commands import CliError, parse_pairs
 from daemon.cli.commands.run import stdin_is_devnull
 from daemon.cli.imagetree import Platform, host_platform, image_defaults
 
@@ -134,6 +135,14 @@ def test_exit_status_of_system_exit(capsys: pytest.CaptureFixture[str]) -> None:
     # a message: printed on stderr, status 1, as the interpreter does
     assert berth._exit_status(SystemExit("berth: label 'x': expected KEY=VALUE")) == 1
     assert capsys.readouterr().err == "berth: label 'x': expected KEY=VALUE\n"
+
+
+def test_parse_pairs_later_keys_win_and_a_bare_word_names_its_flag() -> None:
+    # one parser for `run --label` and `namespaces create/label`
+    assert parse_pairs(["a=1", "b=", "a=x=y"], "label") == {"a": "x=y", "b": ""}
+    for bad in ("x", "=v"):
+        with pytest.raises(CliError, match=f"label '{bad}': expected KEY=VALUE"):
+            parse_pairs([bad], "label")
 
 
 # -- run's helpers -----------------------------------------------------------------------

@@ -26,6 +26,17 @@ class CliError(Exception):
     """A mistake in the command line or a local file; ``berth`` prints it as one line and exits 1."""
 
 
+def parse_pairs(items: Sequence[str], what: str) -> dict[str, str]:
+    """``KEY=VALUE`` arguments (``--label``) as a dict, later keys winning; CliError names ``what``."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"{what} {item!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
 async def remove_each(kind: str, names: Sequence[str], remove: Callable[[str], Awaitable[object]]) -> None:
     """Remove every name, printing each one removed; one refusal does not stop the rest.
 
@@ -45,4 +56,4 @@ async def remove_each(kind: str, names: Sequence[str], remove: Callable[[str], A
         raise SystemExit(1)
 
 
-__all__ = ["CliError", "Handler", "remove_each"]
+__all__ = ["CliError", "Handler", "parse_pairs", "remove_each"]

@@ -50,7 +50,7 @@ from grpclib.exceptions import GRPCError
 
 from daemon.cli import taskio
 from daemon.cli.client import Client
-from daemon.cli.commands import CliError, Handler
+from daemon.cli.commands import CliError, Handler, parse_pairs
 from daemon.cli.imagetree import Platform, image_defaults, read_tree
 from daemon.cli.taskclient import DEFAULT_RUNTIME, TaskClient, spec_any
 from daemon.oci import spec as ocispec
@@ -108,16 +108,6 @@ def task_client(c: Client) -> TaskClient:
 
 
 # -- parsing -------------------------------------------------------------------------
-
-
-def parse_pairs(items: Sequence[str], what: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise CliError(f"{what} {item!r}: expected KEY=VALUE")
-        out[key] = value
-    return out
 
 
 def parse_mount(text: str) -> dict[str, Any]:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from daemon import __version__
 from daemon.cli import output
 from daemon.cli.client import Client
-from daemon.cli.commands import Handler, remove_each
+from daemon.cli.commands import Handler, parse_pairs, remove_each
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> dict[str, Handler]:
@@ -45,16 +44,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> dict[s
         "ns": namespaces,
         "events": events,
     }
-
-
-def _labels(items: Sequence[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"berth: label {item!r}: expected KEY=VALUE")
-        out[key] = value
-    return out
 
 
 async def version(c: Client, args: argparse.Namespace) -> None:
@@ -114,10 +103,10 @@ async def namespaces(c: Client, args: argparse.Namespace) -> None:
                 [[n.name, output.labels_text(dict(n.labels))] for n in spaces],
             )
     elif args.sub == "create":
-        created = await c.create_namespace(args.name, _labels(args.labels))
+        created = await c.create_namespace(args.name, parse_pairs(args.labels, "label"))
         _report(args, {"name": created.name, "labels": dict(created.labels)}, created.name)
     elif args.sub == "label":
-        labels = _labels(args.labels)
+        labels = parse_pairs(args.labels, "label")
         updated = await c.label_namespace(args.name, labels)
         _report(args, {"name": updated.name, "labels": dict(updated.labels)}, updated.name)
     elif args.sub == "rm":
