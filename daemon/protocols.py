@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+import betterproto.lib.google.protobuf as pb
+
 if TYPE_CHECKING:
     from daemon.metadata.images import Image
 
@@ -264,6 +266,10 @@ class Applier(Protocol):
 # -- runtime -----------------------------------------------------------------
 
 
+#: the runtime name containerd's clients (ctr, its CRI) put in container records, and berth's too
+RUNC_V2_RUNTIME = "io.containerd.runc.v2"
+
+
 class TaskStatus(enum.IntEnum):
     """A process's state, numbered as containerd's ``task.Status`` on the wire."""
 
@@ -281,6 +287,16 @@ class Opaque:
 
     type_url: str
     value: bytes = b""
+
+    @classmethod
+    def of(cls, value: pb.Any | None) -> Opaque | None:
+        """The wire Any as an Opaque; None for an absent or empty one (no type URL)."""
+        if value is None or not value.type_url:
+            return None
+        return cls(value.type_url, bytes(value.value))
+
+    def to_any(self) -> pb.Any:
+        return pb.Any(type_url=self.type_url, value=self.value)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import betterproto.lib.google.protobuf as pb
 from daemon import filters
 from daemon.errors import InvalidArgument, NotFound, Unimplemented
 from daemon.hookspecs import hookimpl
-from daemon.protocols import Mount, Opaque, ProcessState, TaskIO, TaskManager, TaskStatus
+from daemon.protocols import RUNC_V2_RUNTIME, Mount, Opaque, ProcessState, TaskIO, TaskManager, TaskStatus
 from daemon.registry import InitContext, Registry
 from daemon.server import request_namespace
 from daemon.validate import required
@@ -58,13 +58,6 @@ from protos.containerd.types import Metric
 from protos.containerd.v1.types import Process, ProcessInfo, Status
 
 RUNTIME_TYPE = "berth.runtime.v2"
-RUNTIME_NAME = "io.containerd.runc.v2"
-
-
-def _opaque(value: pb.Any | None) -> Opaque | None:
-    if value is None or not value.type_url:
-        return None
-    return Opaque(value.type_url, bytes(value.value))
 
 
 def process_to_pb(p: ProcessState) -> Process:
@@ -96,7 +89,7 @@ class TasksService(TasksBase):
         rootfs = [Mount(m.type, m.source, m.target, tuple(m.options)) for m in req.rootfs]
         io = TaskIO(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr, terminal=req.terminal)
         created = await self.runtime.create(
-            request_namespace(), cid, io=io, rootfs=rootfs, options=_opaque(req.options)
+            request_namespace(), cid, io=io, rootfs=rootfs, options=Opaque.of(req.options)
         )
         return CreateTaskResponse(container_id=cid, pid=created.pid)
 
@@ -141,7 +134,7 @@ class TasksService(TasksBase):
         req = exec_process_request
         cid = required(req.container_id, "container_id")
         exec_id = required(req.exec_id, "exec_id")
-        spec = _opaque(req.spec)
+        spec = Opaque.of(req.spec)
         if spec is None:
             raise InvalidArgument(f"task {cid!r}: exec {exec_id!r}: spec must be set (an OCI process)")
         io = TaskIO(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr, terminal=req.terminal)
@@ -179,7 +172,7 @@ class TasksService(TasksBase):
         for p in found:
             info = ProcessInfo(pid=p.pid)
             if p.info is not None:
-                info.info = pb.Any(type_url=p.info.type_url, value=p.info.value)
+                info.info = p.info.to_any()
             processes.append(info)
         return ListPidsResponse(processes=processes)
 
@@ -191,7 +184,7 @@ class TasksService(TasksBase):
         req = update_task_request
         cid = required(req.container_id, "container_id")
         await self.runtime.update(
-            request_namespace(), cid, resources=_opaque(req.resources), annotations=dict(req.annotations)
+            request_namespace(), cid, resources=Opaque.of(req.resources), annotations=dict(req.annotations)
         )
         return pb.Empty()
 
@@ -200,7 +193,7 @@ class TasksService(TasksBase):
         wanted = filters.parse(list(metrics_request.filters))
         out: list[Metric] = []
         for task in await self.runtime.list(namespace):
-            fields = {"id": task.container_id, "namespace": namespace, "runtime": RUNTIME_NAME}
+            fields = {"id": task.container_id, "namespace": namespace, "runtime": RUNC_V2_RUNTIME}
             if task.status == TaskStatus.STOPPED or not wanted.match(filters.adapt_mapping(fields)):
                 continue  # a stopped task has no cgroup left to read
             try:
@@ -209,7 +202,7 @@ class TasksService(TasksBase):
                 continue  # deleted meanwhile
             metric = Metric(timestamp=datetime.now(UTC), id=task.container_id)
             if stats is not None:
-                metric.data = pb.Any(type_url=stats.type_url, value=stats.value)
+                metric.data = stats.to_any()
             out.append(metric)
         return MetricsResponse(metrics=out)
 

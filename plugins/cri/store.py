@@ -38,6 +38,7 @@ import structlog
 
 from daemon.errors import AlreadyExists, InvalidArgument, NotFound
 from daemon.metadata.containers import Container, ContainerStore, Runtime, TypedValue
+from daemon.protocols import RUNC_V2_RUNTIME
 
 log = structlog.get_logger(__name__)
 
@@ -47,7 +48,6 @@ EXTENSION_TYPE = "berth.cri.v1/metadata+json"
 KIND_LABEL = "io.cri-containerd.kind"
 KIND_SANDBOX = "sandbox"
 KIND_CONTAINER = "container"
-RUNTIME_NAME = "io.containerd.runc.v2"
 NAME_DELIMITER = "_"
 
 
@@ -326,7 +326,7 @@ class CriStore:
         labels = {**(record_labels or {}), KIND_LABEL: kind}
         record = Container(
             id=entry.id,
-            runtime=Runtime(name=RUNTIME_NAME),
+            runtime=Runtime(name=RUNC_V2_RUNTIME),
             spec=TypedValue("types.containerd.io/opencontainers/runtime-spec/1/Spec", spec) if spec else None,
             image=image,
             labels=labels,

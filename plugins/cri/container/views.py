@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 import betterproto
 
+from daemon.protocols import RUNC_V2_RUNTIME
 from plugins.cri.container.model import CREATED, EXITED, RUNNING, UNKNOWN, Parsed
 from plugins.cri.store import CriContainer
 from protos.runtime import v1 as cri
@@ -108,7 +109,7 @@ def verbose_info(c: CriContainer, parsed: Parsed, snapshotter: str) -> str:
             "removing": False,
             "snapshotKey": c.id,
             "snapshotter": snapshotter,
-            "runtimeType": "io.containerd.runc.v2",
+            "runtimeType": RUNC_V2_RUNTIME,
             "runtimeOptions": {},
             "config": parsed.config.to_pydict(casing=betterproto.Casing.CAMEL),
             "runtimeSpec": parsed.spec,

@@ -11,6 +11,7 @@ from typing import Any
 
 import betterproto
 
+from daemon.protocols import RUNC_V2_RUNTIME
 from plugins.cri.store import Sandbox
 from protos.runtime import v1 as cri
 
@@ -81,7 +82,7 @@ def verbose_info(
         "snapshotKey": "",
         "snapshotter": "",
         "runtimeHandler": sb.meta.runtime_handler,
-        "runtimeType": "io.containerd.runc.v2",
+        "runtimeType": RUNC_V2_RUNTIME,
         "config": config.to_pydict(casing=betterproto.Casing.CAMEL),
         "netnsPath": sb.meta.netns_path,
         "sandboxDir": sb.meta.root_dir,

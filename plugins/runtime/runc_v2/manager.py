@@ -31,6 +31,7 @@ from daemon.events import Envelope, EventBus
 from daemon.metadata import ContainerStore, NamespacedSnapshotter
 from daemon.protocols import (
     NO_IO,
+    RUNC_V2_RUNTIME,
     ExitStatus,
     Mount,
     Opaque,
@@ -77,7 +78,7 @@ from protos.containerd.types import Mount as PbMount
 
 log = structlog.get_logger("berth.runtime")
 
-RUNTIME_NAME = "io.containerd.runc.v2"
+
 RUNTIME_PREFIX = "io.containerd.runc."
 STATE_TIMEOUT = 10.0
 REOPEN_TIMEOUT = 10.0
@@ -215,7 +216,7 @@ class TaskManager:
         if not container.runtime.name.startswith(RUNTIME_PREFIX):
             raise FailedPrecondition(
                 f"container {container_id!r}: runtime {container.runtime.name!r} is not supported "
-                f"(this runtime runs {RUNTIME_NAME})"
+                f"(this runtime runs {RUNC_V2_RUNTIME})"
             )
         if container.spec is None:
             raise FailedPrecondition(f"container {container_id!r}: has no spec")
@@ -434,7 +435,7 @@ class TaskManager:
                     stdin=io.stdin,
                     stdout=io.stdout,
                     stderr=io.stderr,
-                    spec=pb.Any(type_url=spec.type_url, value=spec.value),
+                    spec=spec.to_any(),
                 ),
                 pb.Empty,
             )
@@ -471,12 +472,7 @@ class TaskManager:
     async def pids(self, namespace: str, container_id: str) -> builtins.list[PidInfo]:
         task = self._task(namespace, container_id)
         found = await task.shim.call("Pids", PidsRequest(id=container_id), PidsResponse)
-        return [
-            PidInfo(
-                p.pid, Opaque(p.info.type_url, bytes(p.info.value)) if p.info and p.info.type_url else None
-            )
-            for p in found.processes
-        ]
+        return [PidInfo(p.pid, Opaque.of(p.info)) for p in found.processes]
 
     async def update(
         self,
@@ -489,7 +485,7 @@ class TaskManager:
         task = self._task(namespace, container_id)
         request = UpdateTaskRequest(id=container_id, annotations=dict(annotations or {}))
         if resources is not None:
-            request.resources = pb.Any(type_url=resources.type_url, value=resources.value)
+            request.resources = resources.to_any()
         await task.shim.call("Update", request, pb.Empty)
 
     async def stats(self, namespace: str, container_id: str) -> Opaque | None:
@@ -497,7 +493,7 @@ class TaskManager:
         found = await task.shim.call("Stats", StatsRequest(id=container_id), StatsResponse)
         if found.stats is None or not found.stats.type_url:
             return None
-        return Opaque(found.stats.type_url, bytes(found.stats.value))
+        return Opaque.of(found.stats)
 
     async def wait(self, namespace: str, container_id: str, exec_id: str = "") -> ExitStatus:
         task = self._task(namespace, container_id)
