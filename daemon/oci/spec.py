@@ -241,8 +241,7 @@ def generate(container_id: str, *opts: SpecOpt, namespace: str = "default") -> S
     """The spec of container ``container_id``: :func:`default_spec`, then each option in order.
 
     After the options, ``process.oomScoreAdj`` (if any) is clamped to
-    berthd's own, and the result must be JSON-serialisable (InvalidArgument
-    otherwise, naming what is not).
+    berthd's own. Turn the result into ``config.json`` bytes with :func:`encode`.
     """
     spec = default_spec(container_id, namespace=namespace)
     for opt in opts:
@@ -250,11 +249,18 @@ def generate(container_id: str, *opts: SpecOpt, namespace: str = "default") -> S
     process = spec.get("process")
     if isinstance(process, dict) and "oomScoreAdj" in process:
         process["oomScoreAdj"] = clamp_oom_score_adj(int(process["oomScoreAdj"]))
+    return spec
+
+
+def encode(spec: Spec, container_id: str) -> bytes:
+    """``spec`` as ``config.json`` bytes, encoded once (with its seccomp profile it takes a few ms).
+
+    InvalidArgument naming ``container_id`` and what an option left there that JSON cannot hold.
+    """
     try:
-        json.dumps(spec)
+        return json.dumps(spec).encode()
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"container {container_id!r}: spec is not JSON-serialisable: {exc}") from exc
-    return spec
 
 
 # -- helpers ------------------------------------------------------------------

@@ -149,9 +149,11 @@ def test_generate_applies_in_order_and_accepts_custom_options() -> None:
     assert s["annotations"] == {"k": "v"}
 
 
-def test_generate_rejects_unserialisable() -> None:
+def test_encode_rejects_unserialisable() -> None:
+    bad = gen(lambda s: s.__setitem__("bad", object()))
     with pytest.raises(InvalidArgument, match="c1"):
-        gen(lambda s: s.__setitem__("bad", object()))
+        spec.encode(bad, "c1")
+    assert json.loads(spec.encode(gen(), "c1"))["ociVersion"] == spec.OCI_VERSION
 
 
 # -- process options ----------------------------------------------------------

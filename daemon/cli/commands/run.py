@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import stat
@@ -353,7 +352,7 @@ async def _create_container(
         labels=labels,
         image=args.image,
         runtime=ContainerRuntime(name=args.runtime),
-        spec=spec_any(json.dumps(spec).encode()),
+        spec=spec_any(ocispec.encode(spec, args.id)),
         snapshotter=snapshotter,
         snapshot_key=args.id,
     )

@@ -26,6 +26,7 @@ from daemon.errors import FailedPrecondition, InvalidArgument, NotFound
 from daemon.metadata.leases import LeaseStore
 from daemon.metadata.snapshots import NamespacedSnapshotter
 from daemon.mount import mounted
+from daemon.oci import spec as oci
 from daemon.oci import userfiles, users
 from daemon.protocols import Mount
 from plugins.cri.container import imagevolume, specgen
@@ -79,7 +80,7 @@ async def image_user_files(mounts: list[Mount], scratch: Path, label: str) -> us
 def _spec_json(inp: specgen.SpecInput) -> tuple[dict[str, Any], bytes]:
     """The spec and its JSON (the encoding is a few ms for a spec with its seccomp profile); blocking."""
     spec = specgen.container_spec(inp)
-    return spec, json.dumps(spec).encode()
+    return spec, oci.encode(spec, inp.container_id)
 
 
 async def _none() -> None:

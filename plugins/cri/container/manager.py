@@ -58,7 +58,7 @@ from daemon.events import EventBus
 from daemon.metadata.containers import ContainerStore, TypedValue
 from daemon.metadata.leases import LeaseStore
 from daemon.metadata.snapshots import NamespacedSnapshotter
-from daemon.oci.spec import clamp_oom_score_adj
+from daemon.oci.spec import clamp_oom_score_adj, encode
 from daemon.protocols import ExitStatus, Opaque, TaskIO, TaskManager
 from plugins.cri import events
 from plugins.cri.container import execsync, imagevolume, specgen, views
@@ -431,7 +431,7 @@ class ContainerManager:
                     NAMESPACE, c.id, resources=Opaque(RESOURCES_TYPE, json.dumps(linux_resources).encode())
                 )
             record = await self.records.get(NAMESPACE, c.id)
-            record.spec = TypedValue(SPEC_TYPE, json.dumps(spec).encode())
+            record.spec = TypedValue(SPEC_TYPE, encode(spec, c.id))
             await self.records.update(NAMESPACE, record, ["spec"])
             parsed.spec = spec
             c.status.resources = resources.to_dict(include_default_values=False)

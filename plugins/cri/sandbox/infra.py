@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 from collections.abc import Awaitable, Callable, Mapping
@@ -206,11 +205,9 @@ class InfraRoot:
     snapshot_key: str = ""
     image_config: Mapping[str, Any] = field(default_factory=dict)
 
-    def spec(self, spec: bytes) -> bytes:
-        """The infra spec (JSON, as :func:`infra_spec` made it) adapted to this root; unchanged for none."""
-        if not self.image:
-            return spec
-        return json.dumps(image_spec(json.loads(spec), self.image_config)).encode()
+    def spec(self, spec: oci.Spec, sandbox_id: str) -> bytes:
+        """The infra spec (as :func:`infra_spec` made it) adapted to this root, as ``config.json`` bytes."""
+        return oci.encode(image_spec(spec, self.image_config) if self.image else spec, sandbox_id)
 
 
 def image_user(user: str) -> dict[str, int]:

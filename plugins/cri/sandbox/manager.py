@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
@@ -42,6 +41,7 @@ import structlog
 
 from daemon.errors import BerthError, FailedPrecondition, NotFound
 from daemon.events import EventBus, Subscription
+from daemon.oci.spec import Spec
 from daemon.protocols import TaskManager, TaskStatus
 from plugins.cri import events, netns
 from plugins.cri.cni.network import CniNetwork, PodRef
@@ -322,7 +322,7 @@ class SandboxManager:
             root = await infra.prepare_root(directory, sandbox_id, self.image_infra, undo)
         undo.append(lambda: self.store.remove_sandbox(sb))
         await self.store.add_sandbox(
-            sb, dict(config.labels), spec=root.spec(spec), image=root.image,
+            sb, dict(config.labels), spec=root.spec(spec, sb.id), image=root.image,
             snapshotter=root.snapshotter, snapshot_key=root.snapshot_key,
         )  # fmt: skip
         if shared_pid:
@@ -332,7 +332,7 @@ class SandboxManager:
         await self.store.save_status(sb)
         return sb
 
-    def _infra_spec(self, sb: Sandbox, config: cri.PodSandboxConfig, paths: Mapping[str, Path]) -> bytes:
+    def _infra_spec(self, sb: Sandbox, config: cri.PodSandboxConfig, paths: Mapping[str, Path]) -> Spec:
         md = config.metadata
         annotations = {
             **config.annotations,
@@ -344,7 +344,7 @@ class SandboxManager:
             infra.SANDBOX_LOG_DIR: config.log_directory,
         }
         oci_kinds = {"net": "network", "ipc": "ipc", "uts": "uts"}
-        spec = infra.infra_spec(
+        return infra.infra_spec(
             sb.id,
             Path(sb.meta.root_dir),
             namespaces={oci_kinds[k]: str(p) for k, p in paths.items()},
@@ -352,7 +352,6 @@ class SandboxManager:
             cgroup_parent=sb.meta.cgroup_parent,
             systemd_cgroup=self.systemd,
         )
-        return json.dumps(spec).encode()
 
     # -- StopPodSandbox / RemovePodSandbox -----------------------------------------------
 
