@@ -60,6 +60,7 @@ from plugins.images.blobs import (
 )
 from plugins.images.progress import ProgressTracker, State
 from plugins.images.registry.client import RegistryClient, Repository
+from plugins.images.registry.hosts import Endpoint
 from plugins.images.registry.manifests import Index, Manifest, is_index, parse
 from plugins.images.registry.platforms import Platform
 from plugins.images.unpack import TEE_BACKLOG, LayerFeed, Unpacker, abort_quietly
@@ -286,11 +287,13 @@ class Puller:
                     if resumed:
                         log.info("pull.layer.resume", image=repo.image, digest=desc.digest, offset=resumed)
                     feed.begin(writer.offset)
-                    async with await repo.fetch_blob(desc, writer.offset) as stream:
+                    # the writer hashes every byte (in its thread): the stream checks only the size
+                    async with await repo.fetch_blob(desc, writer.offset, verify=False) as stream:
                         async for chunk in stream:
                             await writer.write(chunk)
                             await feed.push(chunk)
                             tracker.bytes(desc.digest, writer.offset)
+                        check_written(writer, desc, repo.image, stream.endpoint)
                     feed.eof()
                 await writer.commit(desc.size, desc.digest, labels)
             except AlreadyExists:
@@ -312,6 +315,20 @@ class Puller:
                 "pull.layer.done", image=repo.image, digest=desc.digest, size=desc.size, resumed=resumed
             )
             return
+
+
+def check_written(writer: ContentWriter, desc: Descriptor, image: str, endpoint: Endpoint | None) -> None:
+    """FailedPrecondition (as the registry client words it) when the bytes written are not ``desc``.
+
+    Checked from the writer's running digest before the layer is fed its end, so a corrupt
+    layer never reaches the unpacker's last step; the commit verifies again, on the same hash.
+    """
+    actual = writer.digest()
+    if desc.digest.startswith("sha256:") and actual != desc.digest:
+        raise FailedPrecondition(
+            f"blob {desc.digest}: digest mismatch: expected {desc.digest}, got {actual} "
+            f"({image}, from {endpoint.url if endpoint else '?'})"
+        )
 
 
 async def open_writer(cs: ContentStore, ref: str, desc: Descriptor) -> ContentWriter | None:

@@ -618,7 +618,7 @@ class Repository:
     # -- blobs -----------------------------------------------------------------
 
     async def fetch_blob(
-        self, desc: Descriptor, offset: int = 0, *, hasher: Hasher | None = None
+        self, desc: Descriptor, offset: int = 0, *, hasher: Hasher | None = None, verify: bool = True
     ) -> BlobStream:
         """A stream of the blob's bytes from ``offset`` on, verified as it goes (see :class:`BlobStream`).
 
@@ -627,12 +627,14 @@ class Repository:
         ``offset`` > 0 with a full digest check, pass ``hasher``: a hashlib
         object already fed with the first ``offset`` bytes; without it only
         the size is checked and the digest is left to the content store's
-        commit.
+        commit. ``verify=False``: the caller hashes the bytes itself (a
+        content writer does, in its worker thread), so the stream checks the
+        size only and spends no hashing on the event loop.
         """
         check_digest(desc.digest, f"{self.image}: blob")
         if not 0 <= offset <= desc.size:
             raise InvalidArgument(f"{self.image}: blob {desc.digest}: offset {offset} outside 0..{desc.size}")
-        stream = BlobStream(self, desc, offset, hasher)
+        stream = BlobStream(self, desc, offset, hasher, verify=verify)
         await stream.open()
         return stream
 
@@ -701,7 +703,9 @@ class BlobStream:
     abandoned download releases its connection.
     """
 
-    def __init__(self, repo: Repository, desc: Descriptor, offset: int, hasher: Hasher | None) -> None:
+    def __init__(
+        self, repo: Repository, desc: Descriptor, offset: int, hasher: Hasher | None, *, verify: bool = True
+    ) -> None:
         self.repository = repo
         self.descriptor = desc
         self.offset = offset
@@ -709,7 +713,7 @@ class BlobStream:
         self.resumes = 0  # Range requests made after a break
         self.endpoint: Endpoint | None = None
         self._hasher: Hasher | None = (
-            hasher if hasher is not None else (hasher_for(desc.digest) if offset == 0 else None)
+            hasher if hasher is not None else (hasher_for(desc.digest) if offset == 0 and verify else None)
         )
         self._resp: aiohttp.ClientResponse | None = None
         self._skip = 0
